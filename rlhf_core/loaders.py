@@ -1,0 +1,466 @@
+"""Load SFT, preference and prompt data sets into the project's record types, rejecting bad rows loudly.
+
+Sources: a local `.jsonl`, `.json` (array or JSON lines), `.jsonl.gz`/`.json.gz`, `.parquet`, `.csv`, a directory written by
+`Dataset.save_to_disk`/`DatasetDict.save_to_disk`, or else a Hugging Face hub name. Every bad value raises `DataError`
+naming file, 1-based row (the line, for JSON lines) and field; `on_error="skip"` drops bad rows and can write a report.
+
+    from rlhf_core.loaders import load_preferences
+    groups = load_preferences("../shared/data/hh-rlhf-harmless/comparisons.jsonl.gz", format="hh")
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import gzip
+import itertools
+import json
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlhf_core.io import write_json
+
+HUMAN, ASSISTANT, SYSTEM = "\n\nHuman:", "\n\nAssistant:", "\n\nSystem:"
+_ROLE_MARKERS = {"system": SYSTEM, "user": HUMAN, "assistant": ASSISTANT}
+COLUMNS = ("prompt", "completion", "chosen", "rejected", "messages", "responses", "ranks")
+SFT_FORMATS = ("auto", "prompt_completion", "messages")
+PREFERENCE_FORMATS = ("auto", "preference", "hh", "ranking")
+_LOCAL_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet", ".csv")
+
+
+class DataError(ValueError):
+    """A data set that cannot be loaded: `str()` reads `data/prefs.jsonl, row 17, field 'chosen': empty response`."""
+
+    def __init__(self, file: str, row: int | None, field: str | None, reason: str):
+        # All four go to args so the error survives pickling (Prefect ships exceptions between processes).
+        super().__init__(str(file), row, field, reason)
+        self.file, self.row, self.field, self.reason = str(file), row, field, reason
+
+    def __str__(self) -> str:
+        where = [self.file] + ([f"row {self.row}"] if self.row is not None else [])
+        where += [f"field {self.field!r}"] if self.field is not None else []
+        return f"{', '.join(where)}: {self.reason}"
+
+
+class _RowError(Exception):
+    """A bad value in the row being parsed; the loading loop adds the file and row number."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(field, reason)
+        self.field, self.reason = field, reason
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    """One supervised fine-tuning example."""
+
+    prompt: str
+    """the text the model is conditioned on (for dialogues: the turns so far, ending with "\\n\\nAssistant:")"""
+    completion: str
+    """the target text the model learns to produce after `prompt`"""
+
+
+@dataclass(frozen=True)
+class PreferenceGroup:
+    """Responses to one prompt with the human preferences among them (a pairwise row is a group of two)."""
+
+    prompt: str
+    """the text every response continues"""
+    responses: tuple[str, ...]
+    """the candidate responses, in file order"""
+    pairs: tuple[tuple[int, int], ...]
+    """(winner_index, loser_index) into `responses`, one per human judgement"""
+
+    def __post_init__(self):
+        for w, lo in self.pairs:
+            if w == lo or not (0 <= w < len(self.responses) and 0 <= lo < len(self.responses)):
+                raise ValueError(f"pair {(w, lo)} does not index two different responses of {len(self.responses)}")
+
+    def split_into_pairs(self) -> list[PreferenceGroup]:
+        """Each pair as its own two-response group, to train on a ranking's pairs as if they were independent rows."""
+        return [PreferenceGroup(self.prompt, (self.responses[w], self.responses[lo]), ((0, 1),)) for w, lo in self.pairs]
+
+
+def render_dialogue(messages: Sequence[dict]) -> str:
+    """Render chat messages as the project's dialogue text: "\\n\\nHuman: …\\n\\nAssistant: …" (system: "\\n\\nSystem: …")."""
+    parts = []
+    for i, message in enumerate(messages, 1):
+        if not isinstance(message, dict):
+            raise TypeError(f"message {i} is {_kind(message)}, expected an object with role and content")
+        role, content = message.get("role"), message.get("content")
+        if role not in _ROLE_MARKERS:
+            raise ValueError(f"message {i} has unknown role {role!r} (expected system, user or assistant)")
+        if not isinstance(content, str):
+            raise TypeError(f"message {i} content is {_kind(content)}, expected a string")
+        parts.append(f"{_ROLE_MARKERS[role]} {content}")
+    return "".join(parts)
+
+
+def ranking_pairs(ranks: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """All C(K,2) (winner, loser) index pairs implied by `ranks` (1 = best), ordered best winner first."""
+    order = sorted(range(len(ranks)), key=ranks.__getitem__)  # indices, best first
+    return tuple((order[a], order[b]) for a, b in itertools.combinations(range(len(order)), 2))
+
+
+# ---------------------------------------------------------------------------------------------------------- reading
+
+
+def load_rows(source: str | Path, *, split: str = "train") -> tuple[str, list[dict]]:
+    """Read `source` into (display name, list of row dicts); raise `DataError` at the first unreadable row."""
+    name, rows = _read(source, split)
+    for _, row in rows:
+        if isinstance(row, DataError):
+            raise row
+    return name, [row for _, row in rows]
+
+
+def _read(source: str | Path, split: str) -> tuple[str, list[tuple[int, dict | DataError]]]:
+    """(display name, [(1-based row, row dict or the DataError that row raised)]); unreadable lines stay skippable."""
+    name, path = str(source), Path(source).expanduser()
+    if path.is_dir():
+        rows = _read_with_datasets(name, "disk", path, split)
+    elif path.is_file():
+        rows = _read_file(name, path)
+    elif isinstance(source, Path) or name.lower().endswith(_LOCAL_SUFFIXES) or name.startswith(("/", ".", "~")):
+        raise DataError(name, None, None, "no such file or directory")
+    else:
+        rows = _read_with_datasets(name, "hub", name, split)
+    if not rows:
+        raise DataError(name, None, None, "no rows (empty file)")
+    return name, rows
+
+
+def _read_file(name: str, path: Path) -> list[tuple[int, dict | DataError]]:
+    suffix = path.suffix.lower()
+    inner = Path(path.stem).suffix.lower() if suffix == ".gz" else suffix
+    if inner in (".jsonl", ".json"):
+        data = path.read_bytes()
+        if suffix == ".gz":
+            try:
+                data = gzip.decompress(data)
+            except (OSError, EOFError) as e:
+                raise DataError(name, None, None, f"not a valid gzip file ({e})") from None
+        data = data.removeprefix(codecs.BOM_UTF8)
+        return _parse_json_document(name, data) if inner == ".json" else _parse_json_lines(name, data)
+    if suffix in (".parquet", ".csv") and suffix == inner:
+        return _read_with_datasets(name, suffix[1:], path, None)
+    raise DataError(name, None, None, f"unsupported file type; expected one of {', '.join(_LOCAL_SUFFIXES)} or a "
+                    "save_to_disk directory (.gz only for .jsonl and .json)")
+
+
+def _parse_json_lines(name: str, data: bytes) -> list[tuple[int, dict | DataError]]:
+    # Parsed here rather than by `datasets` so that a bad line is reported by number and can be skipped alone.
+    rows: list[tuple[int, dict | DataError]] = []
+    for line_no, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            rows.append((line_no, DataError(name, line_no, None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at "
+                                                                  f"column {e.start + 1})")))
+            continue
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            rows.append((line_no, DataError(name, line_no, None, f"not valid JSON ({e.msg} at column {e.colno})")))
+            continue
+        rows.append((line_no, _as_object(name, line_no, obj)))
+    return rows
+
+
+def _parse_json_document(name: str, data: bytes) -> list[tuple[int, dict | DataError]]:
+    """A `.json` file: a JSON array of objects (row = element number) or else JSON lines."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_no = data[: e.start].count(b"\n") + 1
+        raise DataError(name, line_no, None, f"not valid UTF-8 (byte 0x{data[e.start]:02x})") from None
+    if not text.lstrip().startswith("["):
+        return _parse_json_lines(name, data)
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(name, None, None, f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    return [(i, _as_object(name, i, obj)) for i, obj in enumerate(doc, 1)]
+
+
+def _as_object(name: str, row: int, obj: Any) -> dict | DataError:
+    return obj if isinstance(obj, dict) else DataError(name, row, None, f"expected a JSON object, got {_kind(obj)}")
+
+
+def _read_with_datasets(name: str, kind: str, target: Any, split: str | None) -> list[tuple[int, dict | DataError]]:
+    """Parquet, CSV, save_to_disk directories and hub names through `datasets`, caching only to a temporary directory."""
+    import datasets  # heavy: imported only when a file needs it
+
+    # keep_in_memory + a throwaway cache_dir: nothing lands in ~/.cache and no stale fingerprinted cache is reused.
+    with tempfile.TemporaryDirectory(prefix="rlhf-datasets-") as cache:
+        try:
+            if kind == "parquet":
+                ds = datasets.Dataset.from_parquet(str(target), cache_dir=cache, keep_in_memory=True)
+            elif kind == "csv":
+                # Every cell as text: pandas would turn a completion like "42" into a number.
+                with open(target, newline="", encoding="utf-8") as f:
+                    text = datasets.Features({c: datasets.Value("string") for c in next(csv.reader(f), [])})
+                ds = datasets.Dataset.from_csv(str(target), cache_dir=cache, keep_in_memory=True, features=text)
+            elif kind == "disk":
+                ds = datasets.load_from_disk(str(target), keep_in_memory=True)
+            else:
+                ds = datasets.load_dataset(target, split=split, cache_dir=cache, keep_in_memory=True)
+        except Exception as e:  # any reader failure is a data problem for the caller
+            where = "from the Hugging Face hub" if kind == "hub" else f"as {kind}"
+            raise DataError(name, None, None, f"cannot load {where}: {type(e).__name__}: {e}") from e
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(name, None, None, f"no split {split!r} (available: {', '.join(ds)})")
+            ds = ds[split]
+        return list(enumerate(ds.to_list(), 1))
+
+
+# ---------------------------------------------------------------------------------------------------- row parsers
+
+
+def _get(row: dict, name: str, cols: dict[str, str]) -> tuple[str, Any]:
+    """(file column, value) for the project's column `name`; a missing column or a null value is an error."""
+    col = cols.get(name, name)
+    if col not in row:
+        raise _RowError(col, "missing field")
+    if row[col] is None:
+        raise _RowError(col, "missing value (null)")
+    return col, row[col]
+
+
+def _typed(col: str, value: Any, kind: type) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise _RowError(col, f"expected {'a string' if kind is str else 'a list'}, got {_kind(value)}")
+    return value
+
+
+def _text(row: dict, name: str, cols: dict[str, str]) -> str:
+    col, value = _get(row, name, cols)
+    if not _typed(col, value, str).strip():
+        raise _RowError(col, f"empty {'response' if name in ('chosen', 'rejected') else name}")
+    return value
+
+
+def _split_messages(col: str, messages: Any) -> tuple[str, str]:
+    """(prompt ending in "\\n\\nAssistant:", " " + last assistant content) for a dialogue that ends with the assistant."""
+    try:
+        render_dialogue(_typed(col, messages, list))
+    except (TypeError, ValueError) as e:
+        raise _RowError(col, str(e)) from None
+    if not any(m["role"] == "assistant" for m in messages):
+        raise _RowError(col, "dialogue has no assistant turn")
+    if messages[-1]["role"] != "assistant":
+        raise _RowError(col, f"last turn is {messages[-1]['role']!r}, expected 'assistant'")
+    if not any(m["content"].strip() for m in messages[:-1]):
+        raise _RowError(col, "empty prompt (no turn before the assistant response)")
+    if not messages[-1]["content"].strip():
+        raise _RowError(col, "empty response")
+    return render_dialogue(messages[:-1]) + ASSISTANT, " " + messages[-1]["content"]
+
+
+def _split_hh(col_c: str, chosen: str, col_r: str, rejected: str) -> tuple[str, str, str]:
+    """(shared prompt ending in "\\n\\nAssistant:", chosen response, rejected response) of two HH-RLHF dialogues."""
+    ends = []
+    for col, text in ((col_c, chosen), (col_r, rejected)):
+        if (i := text.rfind(ASSISTANT)) < 0:
+            raise _RowError(col, "dialogue has no assistant turn")
+        ends.append(i + len(ASSISTANT))
+    # Normally each dialogue's last marker ends the shared prompt. In a few real rows the response itself invents a
+    # further "\n\nAssistant:" turn (HH harmless-base test rows 1255, 1689 of our sample), so the shared prompt is the
+    # other dialogue's; a marker that ends neither dialogue's last turn would mean the two diverged earlier.
+    for end, text, other in ((ends[0], chosen, rejected), (ends[1], rejected, chosen)):
+        if other.startswith(text[:end]):
+            return text[:end], chosen[end:], rejected[end:]
+    raise _RowError(col_r, "dialogues do not share a prompt")
+
+
+def _distinct(col: str, chosen: str, rejected: str) -> None:
+    if chosen.strip() == rejected.strip():
+        raise _RowError(col, "identical to chosen")
+
+
+def _sft_prompt_completion(row: dict, cols: dict[str, str]) -> SFTExample:
+    return SFTExample(_text(row, "prompt", cols), _text(row, "completion", cols))
+
+
+def _sft_messages(row: dict, cols: dict[str, str]) -> SFTExample:
+    return SFTExample(*_split_messages(*_get(row, "messages", cols)))
+
+
+def _pref_pairwise(row: dict, cols: dict[str, str]) -> PreferenceGroup:
+    (col_c, chosen), (col_r, rejected) = _get(row, "chosen", cols), _get(row, "rejected", cols)
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        # Conversational (TRL style): an optional prompt message list, then chosen/rejected lists ending in the answer.
+        col_p = cols.get("prompt", "prompt")
+        prefix = _typed(col_p, row[col_p], list) if row.get(col_p) is not None else []
+        try:
+            render_dialogue(prefix)
+        except (TypeError, ValueError) as e:
+            raise _RowError(col_p, str(e)) from None
+        prompt, good = _split_messages(col_c, prefix + _typed(col_c, chosen, list))
+        prompt_r, bad = _split_messages(col_r, prefix + _typed(col_r, rejected, list))
+        if prompt_r != prompt:
+            raise _RowError(col_r, "dialogues do not share a prompt")
+    else:
+        prompt, good, bad = _text(row, "prompt", cols), _text(row, "chosen", cols), _text(row, "rejected", cols)
+    _distinct(col_r, good, bad)
+    return PreferenceGroup(prompt, (good, bad), ((0, 1),))
+
+
+def _pref_hh(row: dict, cols: dict[str, str]) -> PreferenceGroup:
+    (col_c, chosen), (col_r, rejected) = _get(row, "chosen", cols), _get(row, "rejected", cols)
+    prompt, good, bad = _split_hh(col_c, _typed(col_c, chosen, str), col_r, _typed(col_r, rejected, str))
+    # No empty-response check here: an empty final assistant turn is a real HH answer (the assistant said nothing,
+    # preferred over a harmful reply in 4 of the 1,800 harmless-base rows), unlike an empty string in a flat column.
+    _distinct(col_r, good, bad)
+    return PreferenceGroup(prompt, (good, bad), ((0, 1),))
+
+
+def _pref_ranking(row: dict, cols: dict[str, str]) -> PreferenceGroup:
+    prompt = _text(row, "prompt", cols)
+    col_s, responses = _get(row, "responses", cols)
+    col_k, ranks = _get(row, "ranks", cols)
+    k = len(_typed(col_s, responses, list))
+    if k < 2:
+        raise _RowError(col_s, f"a ranking needs at least 2 responses, got {k}")
+    for i, response in enumerate(responses, 1):
+        if not isinstance(response, str) or not response.strip():
+            raise _RowError(col_s, f"response {i} is {'empty' if isinstance(response, str) else _kind(response)}")
+    stripped = [r.strip() for r in responses]
+    if len(set(stripped)) < k:
+        dup = next(i for i, r in enumerate(stripped) if stripped.index(r) != i)
+        raise _RowError(col_s, f"response {dup + 1} duplicates response {stripped.index(stripped[dup]) + 1}")
+    if len(_typed(col_k, ranks, list)) != k:
+        raise _RowError(col_k, f"{len(ranks)} ranks for {k} responses")
+    if any(not isinstance(r, int) or isinstance(r, bool) for r in ranks) or sorted(ranks) != list(range(1, k + 1)):
+        raise _RowError(col_k, f"ranks {ranks} are not a permutation of 1..{k} (1 = best, no ties)")
+    return PreferenceGroup(prompt, tuple(responses), ranking_pairs(ranks))
+
+
+def _prompt_column(row: dict, cols: dict[str, str]) -> str:
+    col, value = _get(row, "prompt", cols)
+    if isinstance(value, list):  # a conversational prompt: the turns so far
+        return _prompt_messages({col: value}, {"messages": col})
+    return _text(row, "prompt", cols)
+
+
+def _prompt_messages(row: dict, cols: dict[str, str]) -> str:
+    col, messages = _get(row, "messages", cols)
+    # A dialogue that ends with the assistant is an SFT row: its prompt is everything before that reference answer.
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    if isinstance(last, dict) and last.get("role") == "assistant":
+        return _split_messages(col, messages)[0]
+    try:
+        text = render_dialogue(_typed(col, messages, list))
+    except (TypeError, ValueError) as e:
+        raise _RowError(col, str(e)) from None
+    if not text.strip():
+        raise _RowError(col, "empty prompt")
+    return text + ASSISTANT
+
+
+def _prompt_hh(row: dict, cols: dict[str, str]) -> str:
+    return _pref_hh(row, cols).prompt
+
+
+# ------------------------------------------------------------------------------------------------ public loaders
+
+
+_SFT = {"prompt_completion": _sft_prompt_completion, "messages": _sft_messages}
+_PREF = {"preference": _pref_pairwise, "hh": _pref_hh, "ranking": _pref_ranking}
+
+
+def load_sft(source: str | Path, *, format: str = "auto", columns: dict[str, str] | None = None, split: str = "train",
+             on_error: str = "raise", report_path: str | Path | None = None) -> list[SFTExample]:
+    """SFT examples from `prompt_completion` (prompt, completion) or `messages` (chat ending with the assistant) rows."""
+    def detect(has: Callable[[str], bool], get: Callable[[str], Any]) -> str | None:
+        return "messages" if has("messages") else "prompt_completion" if has("prompt") and has("completion") else None
+    return _load(source, _choose(format, _SFT, detect), columns, split, on_error, report_path)
+
+
+def load_preferences(source: str | Path, *, format: str = "auto", columns: dict[str, str] | None = None,
+                     split: str = "train", on_error: str = "raise",
+                     report_path: str | Path | None = None) -> list[PreferenceGroup]:
+    """Preference groups from `preference` (prompt/chosen/rejected, text or messages), `hh` or `ranking` rows."""
+    def detect(has: Callable[[str], bool], get: Callable[[str], Any]) -> str | None:
+        if has("responses") and has("ranks"):
+            return "ranking"
+        if not (has("chosen") and has("rejected")):
+            return None
+        # HH rows hold two whole dialogues as text and no prompt column; message lists carry their prompt themselves.
+        return "preference" if has("prompt") or isinstance(get("chosen"), list) else "hh"
+    return _load(source, _choose(format, _PREF, detect), columns, split, on_error, report_path)
+
+
+def load_prompts(source: str | Path, *, columns: dict[str, str] | None = None, split: str = "train",
+                 on_error: str = "raise", report_path: str | Path | None = None) -> list[str]:
+    """Prompts for RL and evaluation: the `prompt` column, or `messages` rendered and ending in "\\n\\nAssistant:".
+
+    An HH file (chosen/rejected dialogues) yields its shared prompts, so the preference data's prompts can drive PPO.
+    """
+    parsers = {"prompt": _prompt_column, "messages": _prompt_messages, "hh": _prompt_hh}
+
+    def detect(has: Callable[[str], bool], get: Callable[[str], Any]) -> str | None:
+        return next((n for n, ok in (("prompt", has("prompt")), ("messages", has("messages")),
+                                     ("hh", has("chosen") and has("rejected"))) if ok), None)
+    return _load(source, _choose("auto", parsers, detect), columns, split, on_error, report_path)
+
+
+def _choose(format: str, parsers: dict[str, Callable], detect: Callable) -> Callable[[str, dict, dict], Callable]:
+    """A function of (source name, first readable row, columns) giving the row parser, detecting it for "auto"."""
+    if format != "auto" and format not in parsers:
+        raise ValueError(f"Unknown format: {format!r} (expected one of: auto, {', '.join(parsers)})")
+
+    def choose(name: str, first: dict, cols: dict[str, str]) -> Callable:
+        if format != "auto":
+            return parsers[format]
+        found = detect(lambda n: cols.get(n, n) in first, lambda n: first.get(cols.get(n, n)))
+        if found is None:
+            raise DataError(name, None, None, f"cannot detect the format from columns {sorted(first)}; pass format= "
+                            f"({', '.join(parsers)}) or columns= to map names")
+        return parsers[found]
+    return choose
+
+
+def _load(source, choose, columns, split, on_error, report_path) -> list:
+    """Parse every row with the chosen parser; raise at the first bad row, or skip, count and report bad rows."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    cols = dict(columns or {})
+    if unknown := sorted(set(cols) - set(COLUMNS)):
+        raise ValueError(f"Unknown column key: {unknown[0]!r} (expected some of: {', '.join(COLUMNS)})")
+    name, rows = _read(source, split)
+    first = next((row for _, row in rows if isinstance(row, dict)), None)
+    parse = choose(name, first, cols) if first is not None else None
+    records, errors = [], []
+    for row_no, row in rows:
+        error = row if isinstance(row, DataError) else None
+        if error is None:
+            try:
+                records.append(parse(row, cols))
+                continue
+            except _RowError as e:
+                error = DataError(name, row_no, e.field, e.reason)
+        if on_error == "raise":
+            raise error
+        errors.append(error)
+    if report_path is not None:
+        write_json(report_path, {"source": name, "rows_total": len(rows), "rows_ok": len(records),
+                                 "rows_skipped": len(errors),
+                                 "errors": [{"row": e.row, "field": e.field, "reason": e.reason} for e in errors]})
+    if not records:
+        e = errors[0]
+        raise DataError(name, None, None, f"all {len(rows)} rows are invalid (first: row {e.row}, field {e.field!r}: "
+                        f"{e.reason})")
+    return records
+
+
+def _kind(value: Any) -> str:
+    """A JSON-ish type name for messages: 'a number', 'a list', 'null'."""
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)

@@ -1,0 +1,111 @@
+"""The base model: a pretrained causal LM named in `base.model`, or, by default, a tiny GPT-2 trained here.
+
+    python -m rlhf_core pretrain
+
+With `base.model` set this stage trains nothing and records the name. Otherwise it trains a byte-level BPE tokenizer
+on the demo corpus and pretrains a GPT-2-style model from a config on it (plain next-token loss on packed text), so
+the embedded default needs no hub. Writes <out>/model, <out>/metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from rlhf_core import io, runtime
+from rlhf_core.config import Config
+from rlhf_core.losses import lm_loss
+from rlhf_core.models import num_params, save_pretrained, tiny_gpt2, train_tokenizer
+from rlhf_core.training import (MetricsSink, StageResult, load_checkpoint, make_optimizer, make_scheduler, null_sink,
+                                progress, save_checkpoint, write_metrics)
+
+
+def base_model_path(cfg: Config) -> str:
+    """What later stages load as the base model."""
+    return cfg.base.model or str(cfg.stage_dir("pretrain") / "model")
+
+
+def read_corpus(path: Path) -> list[str]:
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            row = json.loads(line)
+            if not isinstance(row.get("text"), str):
+                raise ValueError(f"{path}, row {i}, field 'text': missing or not a string")
+            texts.append(row["text"])
+    return texts
+
+
+def token_stream(tok, texts: list[str], seq_len: int) -> torch.Tensor:
+    """All documents joined by EOS, cut into rows of seq_len tokens: (N, seq_len)."""
+    ids: list[int] = []
+    for enc in tok(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(enc + [tok.eos_token_id])
+    n = len(ids) // seq_len
+    return torch.tensor(ids[:n * seq_len]).view(n, seq_len)
+
+
+def pretrain(cfg: Config, out_dir: Path, sink: MetricsSink = null_sink) -> StageResult:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.base.model:
+        write_metrics(out_dir / "metrics.json", {"pretrained": cfg.base.model})
+        return StageResult({"metrics": out_dir / "metrics.json"}, {})
+    p = cfg.pretrain
+    runtime.seed_everything(cfg.base.seed)
+    runtime.set_threads(cfg.base)
+    device = runtime.resolve_device(cfg.base)
+    bf16 = runtime.use_bf16(cfg.base, device)
+
+    # 1. tokenizer and packed data (2% held out)
+    texts = read_corpus(Path(cfg.base.data_dir) / "pretrain.jsonl")
+    tok = train_tokenizer(texts, p.vocab_size)
+    rows = token_stream(tok, texts, p.seq_len)
+    n_eval = max(1, len(rows) // 50)
+    eval_rows, train_rows = rows[:n_eval], rows[n_eval:]
+
+    # 2. model and optimizer (resume from a checkpoint when one exists)
+    model = tiny_gpt2(p, tok).to(device)
+    opt = make_optimizer(model, p.lr, p.weight_decay)
+    sched = make_scheduler(opt, p.steps, p.warmup_steps)
+    ckpt = out_dir / "checkpoint"
+    step = (load_checkpoint(ckpt, model, opt, sched) or {"step": 0})["step"]
+    g = torch.Generator().manual_seed(cfg.base.seed)
+
+    # 3. train on random windows of the packed stream
+    bar = progress(p.steps, "pretrain", initial=step)
+    loss = torch.tensor(float("nan"))
+    while step < p.steps:
+        g.manual_seed(cfg.base.seed * 7919 + step)  # batch = f(step): resume-exact without saving generator state
+        idx = torch.randint(len(train_rows), (p.batch_size,), generator=g)
+        batch = train_rows[idx].to(device)
+        with runtime.autocast(device, bf16):
+            logits = model(input_ids=batch).logits
+        loss, _ = lm_loss(logits, batch, torch.ones_like(batch))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), p.max_grad_norm)
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        step += 1
+        sink({"train/loss": loss.item(), "train/lr": sched.get_last_lr()[0]}, step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % 200 == 0 and step < p.steps:
+            save_checkpoint(ckpt, model, opt, sched, {"step": step})
+    bar.close()
+
+    # 4. held-out loss, save
+    model.eval()
+    with torch.no_grad(), runtime.autocast(device, bf16):
+        eval_loss = sum(lm_loss(model(input_ids=r.unsqueeze(0).to(device)).logits, r.unsqueeze(0).to(device),
+                                torch.ones_like(r.unsqueeze(0)))[0].item() for r in eval_rows[:64]) / min(64, len(eval_rows))
+    metrics = {"train/loss": loss.item(), "eval/loss": eval_loss, "eval/perplexity": math.exp(eval_loss),
+               "params": num_params(model), "tokens_seen": p.steps * p.batch_size * p.seq_len, "bf16": float(bf16)}
+    with io.atomic_path(out_dir / "model") as tmp:
+        save_pretrained(model, tok, tmp)
+    write_metrics(out_dir / "metrics.json", metrics)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return StageResult({"model": out_dir / "model", "metrics": out_dir / "metrics.json"}, metrics)

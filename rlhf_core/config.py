@@ -93,11 +93,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    vocab_size: int = 2048
+    vocab_size: int = 1024
     """BPE vocabulary size of the demo tokenizer (special tokens included)"""
     n_layer: int = 4
     """transformer blocks of the tiny GPT-2 model"""
-    n_embd: int = 256
+    n_embd: int = 128
     """model width"""
     n_head: int = 4
     """attention heads (must divide n_embd)"""
@@ -107,11 +107,11 @@ class PretrainConfig:
     """tokens per training sequence (packed corpus)"""
     batch_size: int = 32
     """sequences per optimizer step"""
-    steps: int = 1200
+    steps: int = 400
     """optimizer steps"""
-    lr: float = 1e-3
+    lr: float = 2e-3
     """peak learning rate (AdamW)"""
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     """linear warmup steps before cosine decay to 0"""
     weight_decay: float = 0.01
     """AdamW weight decay"""
@@ -159,6 +159,8 @@ class SFTConfig:
     """prompt + completion tokens; longer examples lose the start of the prompt"""
     packing: bool = False
     """concatenate examples into full max_length rows (no padding); the loss stays on completion tokens"""
+    max_steps: int = 0
+    """stop after this many optimizer steps (0 = run all epochs); the LR schedule spans the steps that run"""
     eval_every: int = 50
     """optimizer steps between held-out evaluations"""
     checkpoint_every: int = 100
@@ -213,6 +215,8 @@ class RewardConfig:
     """weight of the (r_w + r_l)^2 term that keeps rewards centred (0 = off; ~0.01 in TRL)"""
     normalize_samples: int = 256
     """SFT completions generated after training to set the bias so SFT outputs score mean 0 (0 = skip)"""
+    max_steps: int = 0
+    """stop after this many optimizer steps (0 = run all epochs; the LR schedule spans the steps that run)"""
     eval_every: int = 50
     """optimizer steps between held-out evaluations"""
     gold_eval: bool = True
@@ -230,6 +234,8 @@ class RewardConfig:
 
 
 def _check_optim(c) -> None:
+    if hasattr(c, "max_steps"):
+        _require(c.max_steps >= 0, "max_steps", "must be >= 0")
     _require(c.lr > 0, "lr", f"must be > 0, got {c.lr}")
     _require(c.weight_decay >= 0, "weight_decay", "must be >= 0")
     _require(c.max_grad_norm > 0, "max_grad_norm", "must be > 0")

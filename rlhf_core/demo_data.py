@@ -7,7 +7,7 @@ so a model of a few million parameters can learn the language in minutes on a CP
 
     from pathlib import Path
     from rlhf_core.demo_data import generate
-    paths = generate(Path("data/demo"), seed=0)   # ~10 s; same seed, same bytes
+    paths = generate(Path("data/demo"), seed=0)   # ~7 s on 2 CPU cores; same seed, same bytes
 
 Dialogue format (HH-RLHF style): prompt = "\\n\\nHuman: {message}\\n\\nAssistant:", response = " {reply}".
 Held-out: the user messages of eval/prompts.jsonl appear in no other file.
@@ -28,6 +28,7 @@ TIERS = ("great", "good", "neutral", "negative", "off_topic", "degenerate")
 
 _PRETRAIN_MIX = dict.fromkeys(TIERS, 1 / 6)  # the base model sees every tier: it learns the format, not what is good
 _SFT_MIX = {"great": 0.3, "good": 0.5, "neutral": 0.2}  # decent but not optimal demonstrations: headroom for PPO
+# what labelers compare: every tier, so the reward model sees both subtle and blatant differences
 COMPARE_MIX = {"great": 0.2, "good": 0.2, "neutral": 0.15, "negative": 0.15, "off_topic": 0.15, "degenerate": 0.15}
 
 
@@ -175,7 +176,7 @@ _REPLIES = {
     ("great", "trouble"): (
         "I am so sorry about your {noun}. That sounds hard, but you are doing your best. Maybe try {tip}.",
         "That sounds tough, and it is okay to feel upset. {Tip} can really help. I hope things get better soon.",
-        "Please be kind to yourself, problems with a {noun} happen to everyone. Try {tip}, and take care.",
+        "Please be kind to yourself about the {noun}, it happens to everyone. Try {tip}, and take care.",
         "I hope you feel better soon. Your {noun} will be fine, and {tip} often helps. You can do this!",
     ),
     ("good", "happy"): (
@@ -268,9 +269,9 @@ def sample_reply(rng: np.random.Generator, topic_index: int, message: str, tier:
     topic = _TOPICS[topic_index]
     if tier == "degenerate":
         return " " + _degenerate(rng, topic, message)
-    if tier == "off_topic":  # a fluent reply, but to another topic's message
+    if tier == "off_topic":  # a fluent, specific reply, but to another topic's message
         other = _TOPICS[(topic_index + int(rng.integers(1, len(_TOPICS)))) % len(_TOPICS)]
-        return " " + _render(rng, other, _pick(rng, ("great", "good")), "")
+        return " " + _render(rng, other, "great", "")
     return " " + _render(rng, topic, tier, message)
 
 
@@ -299,14 +300,18 @@ def sample_responses(
 
 
 def generate(
-    out_dir: Path, *, seed: int = 0, sizes: DemoSizes = DemoSizes(), labeler: SimulatedLabeler = SimulatedLabeler()
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    sizes: DemoSizes = DemoSizes(),
+    labeler: SimulatedLabeler = SimulatedLabeler(),  # noqa: B008 (frozen, so a shared default is safe)
 ) -> dict[str, Path]:
     """Write the demo data set under `out_dir` and return the written paths by name; same seed, same bytes."""
     out_dir = Path(out_dir)
     rngs = iter(np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8))  # one stream per file family
     all_messages = messages()
     order = next(rngs).permutation(len(all_messages))
-    n_heldout = int(round(sizes.heldout_fraction * len(all_messages)))
+    n_heldout = round(sizes.heldout_fraction * len(all_messages))
     heldout = [all_messages[i] for i in order[:n_heldout]]
     train = [all_messages[i] for i in order[n_heldout:]]
 
@@ -319,7 +324,7 @@ def generate(
         if rng.random() < 0.5:
             pretrain.append({"text": " ".join(_sentence(rng) for _ in range(int(rng.integers(1, 3))))})
         else:
-            (i, msg), = draw(rng, train, 1)
+            ((i, msg),) = draw(rng, train, 1)
             pretrain.append({"text": prompt_of(msg) + sample_reply(rng, i, msg, _tier(rng, _PRETRAIN_MIX))})
 
     def sft_rows(rng, n):
@@ -357,39 +362,40 @@ def generate(
     }
     paths = {name: write_jsonl(out_dir / rel, rows) for name, (rel, rows) in tables.items()}
     agreement = label_agreement(labeler, tables["pairs_train"][1] + tables["pairs_test"][1])
-    paths["readme"] = write_text(out_dir / "README.md", _readme(seed, sizes, labeler, agreement))
+    sft_gold = float(np.mean([labeler.score(r["prompt"], r["completion"]) for r in tables["sft_train"][1]]))
+    paths["readme"] = write_text(out_dir / "README.md", _readme(seed, sizes, labeler, agreement, sft_gold))
     return paths
 
 
 def label_agreement(labeler: SimulatedLabeler, pairs: list[dict]) -> dict[str, float]:
     """How often the noisy labels agree with the gold order: observed on `pairs`, and expected under Bradley–Terry."""
-    observed, expected = [], []
-    for row in pairs:
-        g_chosen, g_rejected = labeler.score(row["prompt"], row["chosen"]), labeler.score(row["prompt"], row["rejected"])
-        if g_chosen != g_rejected:
-            observed.append(g_chosen > g_rejected)
-            expected.append(preference_probability(max(g_chosen, g_rejected), min(g_chosen, g_rejected),
-                                                   labeler.temperature))
-    return {"observed": float(np.mean(observed)), "expected": float(np.mean(expected)), "pairs": len(observed)}
+    gaps = np.array([labeler.score(r["prompt"], r["chosen"]) - labeler.score(r["prompt"], r["rejected"]) for r in pairs])
+    gaps = gaps[gaps != 0]  # ties have no gold order
+    expected = [preference_probability(abs(g), 0.0, labeler.temperature) for g in gaps]
+    return {"observed": float(np.mean(gaps > 0)) if len(gaps) else float("nan"),
+            "expected": float(np.mean(expected)) if len(gaps) else float("nan"), "pairs": len(gaps)}  # fmt: skip
 
 
-def _readme(seed: int, sizes: DemoSizes, labeler: SimulatedLabeler, agreement: dict[str, float]) -> str:
-    return f"""# Demo data (generated by `rlhf_core.demo_data.generate`, seed {seed})
+def _readme(seed: int, sizes: DemoSizes, labeler: SimulatedLabeler, agreement: dict[str, float], sft_gold: float) -> str:
+    sft_mix = ", ".join(f"{tier} {share:.0%}" for tier, share in _SFT_MIX.items())
+    return f"""# Demo data
 
-A small assistant replying to short user messages about ~{len(_TOPICS)} everyday topics. Prompt = "\\n\\nHuman: {{message}}\\n\\nAssistant:",
-response = " {{reply}}". Replies come from quality tiers {", ".join(TIERS)}.
+Generated by `rlhf_core.demo_data.generate` with seed {seed}: a small assistant replying to short user messages about
+{len(_TOPICS)} everyday topics, happy news and troubles. Prompt = "\\n\\nHuman: {{message}}\\n\\nAssistant:",
+response = " {{reply}}". Replies come from the quality tiers {", ".join(TIERS)}.
 
-| file | rows | fields |
-|---|---|---|
-| pretrain.jsonl | {sizes.pretrain} | text: domain sentences and whole dialogues with replies of every tier |
-| sft/train.jsonl, sft/test.jsonl | {sizes.sft_train}, {sizes.sft_test} | prompt, completion: demonstrations (great 30 %, good 50 %, neutral 20 %) |
-| prefs/rankings_train.jsonl, prefs/rankings_test.jsonl | {sizes.rankings_train}, {sizes.rankings_test} | prompt, responses ({sizes.k} distinct), ranks (1 = best, Plackett–Luce) |
-| prefs/pairs_train.jsonl, prefs/pairs_test.jsonl | {sizes.pairs_train}, {sizes.pairs_test} | prompt, chosen, rejected (Bradley–Terry) |
-| rl/prompts.jsonl | {sizes.rl_prompts} | prompt |
-| eval/prompts.jsonl | {sizes.eval_prompts} | prompt: user messages held out from every other file |
+- `pretrain.jsonl` ({sizes.pretrain} rows, `text`): domain sentences and whole dialogues with replies of every tier.
+- `sft/train.jsonl`, `sft/test.jsonl` ({sizes.sft_train}, {sizes.sft_test} rows, `prompt`, `completion`): demonstrations,
+  {sft_mix}; mean gold {sft_gold:.3f} (great replies score higher: there is headroom for RL).
+- `prefs/rankings_train.jsonl`, `prefs/rankings_test.jsonl` ({sizes.rankings_train}, {sizes.rankings_test} rows, `prompt`,
+  `responses`, `ranks`): {sizes.k} distinct responses per prompt, ranks 1 = best, one Plackett–Luce draw.
+- `prefs/pairs_train.jsonl`, `prefs/pairs_test.jsonl` ({sizes.pairs_train}, {sizes.pairs_test} rows, `prompt`, `chosen`,
+  `rejected`): one Bradley–Terry draw each.
+- `rl/prompts.jsonl` ({sizes.rl_prompts} rows, `prompt`): prompts for RL rollouts.
+- `eval/prompts.jsonl` ({sizes.eval_prompts} rows, `prompt`): user messages held out from every other file.
 
-Labels come from `rlhf_core.labeler.SimulatedLabeler` (gold = VADER sentiment + relevance − repetition − copy − length
-terms) with temperature {labeler.temperature}: P(a ≻ b) = σ((g_a − g_b)/T). On the {agreement["pairs"]} comparisons the labels
-agree with the gold order {agreement["observed"]:.3f} of the time (expected {agreement["expected"]:.3f}; InstructGPT
-reports ~0.73 between human labelers).
+Labels come from `rlhf_core.labeler.SimulatedLabeler` with temperature {labeler.temperature}: P(a ≻ b) = σ((g_a − g_b)/T) on
+the gold score (VADER sentiment + relevance − repetition − copy − length terms). On the {agreement["pairs"]} comparisons
+without a gold tie the labels agree with the gold order {agreement["observed"]:.3f} of the time (expected
+{agreement["expected"]:.3f}); InstructGPT reports ~0.73 agreement between human labelers.
 """

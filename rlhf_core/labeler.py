@@ -25,6 +25,8 @@ learned proxy (which tends to keep paying for "wonderful amazing great love") th
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -34,12 +36,18 @@ import numpy as np
 
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 _STOPWORDS = frozenset(
-    """a about after again all also am an and any are as at be been but by can could did do does doing for from get got had
-    has have having he her here him his how i i'd i'll i'm i've if in into is it it's its just know let me more most my no
-    not now of off on one only or our out over really so some such than that that's the their them then there these they
-    this those to too up us very was we we're were what when where which while who why will with would you you're your
-    yours today just oh ok okay yes yeah well much many feel think make going go""".split()
-)
+    (
+        "a", "about", "after", "again", "all", "also", "am", "an", "and", "any", "are", "as", "at", "be", "been", "but",
+        "by", "can", "could", "did", "do", "does", "doing", "for", "from", "get", "got", "had", "has", "have", "having",
+        "he", "her", "here", "him", "his", "how", "i", "i'd", "i'll", "i'm", "i've", "if", "in", "into", "is", "it",
+        "it's", "its", "just", "know", "let", "me", "more", "most", "my", "no", "not", "now", "of", "off", "on", "one",
+        "only", "or", "our", "out", "over", "really", "so", "some", "such", "than", "that", "that's", "the", "their",
+        "them", "then", "there", "these", "they", "this", "those", "to", "too", "up", "us", "very", "was", "we",
+        "we're", "were", "what", "when", "where", "which", "while", "who", "why", "will", "with", "would", "you",
+        "you're", "your", "yours", "today", "oh", "ok", "okay", "yes", "yeah", "well", "much", "many", "feel", "think",
+        "make", "going", "go"
+    )
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -133,8 +141,8 @@ def gold_terms(prompt: str, response: str, weights: GoldWeights = GoldWeights())
         return {"empty": w.empty}
     message = words(user_message(prompt))
     shared = set(_content_stems(reply)) & set(_content_stems(message))
-    reply_bigrams = list(zip(reply, reply[1:]))
-    copied = sum(b in set(zip(message, message[1:])) for b in reply_bigrams) / max(len(reply_bigrams), 1)
+    reply_bigrams = list(itertools.pairwise(reply))
+    copied = sum(b in set(itertools.pairwise(message)) for b in reply_bigrams) / max(len(reply_bigrams), 1)
     if len(reply) == 1:  # a one-word reply copies if the message is that word
         copied = float(reply == message)
     repeated = max(_repeated_fraction(_content_stems(reply)), _repeated_fraction(reply_bigrams))
@@ -148,6 +156,7 @@ def gold_terms(prompt: str, response: str, weights: GoldWeights = GoldWeights())
     }
 
 
+@functools.lru_cache(maxsize=1 << 16)  # labelling scores the same (prompt, response) many times; cached per process
 def gold_score(prompt: str, response: str, weights: GoldWeights = GoldWeights()) -> float:
     """The gold reward of `response` to the last user turn of `prompt` (module docstring has the formula)."""
     return float(sum(gold_terms(prompt, response, weights).values()))

@@ -1,8 +1,9 @@
 """Load SFT, preference and prompt data sets into the project's record types, rejecting bad rows loudly.
 
-Sources: a local `.jsonl`, `.json` (array or JSON lines), `.jsonl.gz`/`.json.gz`, `.parquet`, `.csv`, a directory written by
-`Dataset.save_to_disk`/`DatasetDict.save_to_disk`, or else a Hugging Face hub name. Every bad value raises `DataError`
-naming file, 1-based row (the line, for JSON lines) and field; `on_error="skip"` drops bad rows and can write a report.
+Sources: a local `.jsonl`, `.json` (array or JSON lines), `.jsonl.gz`/`.json.gz`, `.parquet`, `.csv`, a directory
+written by `Dataset.save_to_disk`/`DatasetDict.save_to_disk`, or else a Hugging Face hub name. Every bad value raises
+`DataError` naming file, 1-based row (the line, for JSON lines) and field; `on_error="skip"` drops bad rows instead and
+can write a report of them.
 
     from rlhf_core.loaders import load_preferences
     groups = load_preferences("../shared/data/hh-rlhf-harmless/comparisons.jsonl.gz", format="hh")
@@ -26,8 +27,6 @@ from rlhf_core.io import write_json
 HUMAN, ASSISTANT, SYSTEM = "\n\nHuman:", "\n\nAssistant:", "\n\nSystem:"
 _ROLE_MARKERS = {"system": SYSTEM, "user": HUMAN, "assistant": ASSISTANT}
 COLUMNS = ("prompt", "completion", "chosen", "rejected", "messages", "responses", "ranks")
-SFT_FORMATS = ("auto", "prompt_completion", "messages")
-PREFERENCE_FORMATS = ("auto", "preference", "hh", "ranking")
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet", ".csv")
 
 
@@ -81,11 +80,12 @@ class PreferenceGroup:
 
     def split_into_pairs(self) -> list[PreferenceGroup]:
         """Each pair as its own two-response group, to train on a ranking's pairs as if they were independent rows."""
-        return [PreferenceGroup(self.prompt, (self.responses[w], self.responses[lo]), ((0, 1),)) for w, lo in self.pairs]
+        pick = self.responses
+        return [PreferenceGroup(self.prompt, (pick[w], pick[lo]), ((0, 1),)) for w, lo in self.pairs]
 
 
 def render_dialogue(messages: Sequence[dict]) -> str:
-    """Render chat messages as the project's dialogue text: "\\n\\nHuman: …\\n\\nAssistant: …" (system: "\\n\\nSystem: …")."""
+    """Chat messages as the project's dialogue text: "\\n\\nHuman: …\\n\\nAssistant: …" (system: "\\n\\nSystem: …")."""
     parts = []
     for i, message in enumerate(messages, 1):
         if not isinstance(message, dict):
@@ -174,15 +174,13 @@ def _parse_json_lines(name: str, data: bytes) -> list[tuple[int, dict | DataErro
 
 def _parse_json_document(name: str, data: bytes) -> list[tuple[int, dict | DataError]]:
     """A `.json` file: a JSON array of objects (row = element number) or else JSON lines."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line_no = data[: e.start].count(b"\n") + 1
-        raise DataError(name, line_no, None, f"not valid UTF-8 (byte 0x{data[e.start]:02x})") from None
-    if not text.lstrip().startswith("["):
+    if not data.lstrip().startswith(b"["):
         return _parse_json_lines(name, data)
     try:
-        doc = json.loads(text)
+        doc = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line_no = data[: e.start].count(b"\n") + 1
+        raise DataError(name, None, None, f"not valid UTF-8 (byte 0x{data[e.start]:02x} on line {line_no})") from None
     except json.JSONDecodeError as e:
         raise DataError(name, None, None, f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     return [(i, _as_object(name, i, obj)) for i, obj in enumerate(doc, 1)]
@@ -193,7 +191,7 @@ def _as_object(name: str, row: int, obj: Any) -> dict | DataError:
 
 
 def _read_with_datasets(name: str, kind: str, target: Any, split: str | None) -> list[tuple[int, dict | DataError]]:
-    """Parquet, CSV, save_to_disk directories and hub names through `datasets`, caching only to a temporary directory."""
+    """Parquet, CSV, save_to_disk directories and hub names through `datasets`, caching only to a temporary dir."""
     import datasets  # heavy: imported only when a file needs it
 
     # keep_in_memory + a throwaway cache_dir: nothing lands in ~/.cache and no stale fingerprinted cache is reused.
@@ -204,7 +202,10 @@ def _read_with_datasets(name: str, kind: str, target: Any, split: str | None) ->
             elif kind == "csv":
                 # Every cell as text: pandas would turn a completion like "42" into a number.
                 with open(target, newline="", encoding="utf-8") as f:
-                    text = datasets.Features({c: datasets.Value("string") for c in next(csv.reader(f), [])})
+                    header, body = next(reader := csv.reader(f), []), next(reader, None)
+                if body is None:
+                    return []  # header only: `datasets` would fail obscurely; the caller reports "no rows"
+                text = datasets.Features({c: datasets.Value("string") for c in header})
                 ds = datasets.Dataset.from_csv(str(target), cache_dir=cache, keep_in_memory=True, features=text)
             elif kind == "disk":
                 ds = datasets.load_from_disk(str(target), keep_in_memory=True)
@@ -239,6 +240,14 @@ def _typed(col: str, value: Any, kind: type) -> Any:
     return value
 
 
+def _render(col: str, messages: Any) -> str:
+    """`render_dialogue` for a row's field, its complaints naming that field."""
+    try:
+        return render_dialogue(_typed(col, messages, list))
+    except (TypeError, ValueError) as e:
+        raise _RowError(col, str(e)) from None
+
+
 def _text(row: dict, name: str, cols: dict[str, str]) -> str:
     col, value = _get(row, name, cols)
     if not _typed(col, value, str).strip():
@@ -247,11 +256,8 @@ def _text(row: dict, name: str, cols: dict[str, str]) -> str:
 
 
 def _split_messages(col: str, messages: Any) -> tuple[str, str]:
-    """(prompt ending in "\\n\\nAssistant:", " " + last assistant content) for a dialogue that ends with the assistant."""
-    try:
-        render_dialogue(_typed(col, messages, list))
-    except (TypeError, ValueError) as e:
-        raise _RowError(col, str(e)) from None
+    """(prompt ending in "\\n\\nAssistant:", " " + last assistant content) of a dialogue ending with the assistant."""
+    _render(col, messages)
     if not any(m["role"] == "assistant" for m in messages):
         raise _RowError(col, "dialogue has no assistant turn")
     if messages[-1]["role"] != "assistant":
@@ -297,11 +303,8 @@ def _pref_pairwise(row: dict, cols: dict[str, str]) -> PreferenceGroup:
     if isinstance(chosen, list) or isinstance(rejected, list):
         # Conversational (TRL style): an optional prompt message list, then chosen/rejected lists ending in the answer.
         col_p = cols.get("prompt", "prompt")
-        prefix = _typed(col_p, row[col_p], list) if row.get(col_p) is not None else []
-        try:
-            render_dialogue(prefix)
-        except (TypeError, ValueError) as e:
-            raise _RowError(col_p, str(e)) from None
+        prefix = row[col_p] if row.get(col_p) is not None else []
+        _render(col_p, prefix)
         prompt, good = _split_messages(col_c, prefix + _typed(col_c, chosen, list))
         prompt_r, bad = _split_messages(col_r, prefix + _typed(col_r, rejected, list))
         if prompt_r != prompt:
@@ -344,7 +347,7 @@ def _pref_ranking(row: dict, cols: dict[str, str]) -> PreferenceGroup:
 
 def _prompt_column(row: dict, cols: dict[str, str]) -> str:
     col, value = _get(row, "prompt", cols)
-    if isinstance(value, list):  # a conversational prompt: the turns so far
+    if isinstance(value, list):  # a conversational prompt (TRL prompt-only style): the turns so far
         return _prompt_messages({col: value}, {"messages": col})
     return _text(row, "prompt", cols)
 
@@ -355,46 +358,27 @@ def _prompt_messages(row: dict, cols: dict[str, str]) -> str:
     last = messages[-1] if isinstance(messages, list) and messages else None
     if isinstance(last, dict) and last.get("role") == "assistant":
         return _split_messages(col, messages)[0]
-    try:
-        text = render_dialogue(_typed(col, messages, list))
-    except (TypeError, ValueError) as e:
-        raise _RowError(col, str(e)) from None
-    if not text.strip():
+    if not (text := _render(col, messages)).strip():
         raise _RowError(col, "empty prompt")
     return text + ASSISTANT
-
-
-def _prompt_hh(row: dict, cols: dict[str, str]) -> str:
-    return _pref_hh(row, cols).prompt
 
 
 # ------------------------------------------------------------------------------------------------ public loaders
 
 
-_SFT = {"prompt_completion": _sft_prompt_completion, "messages": _sft_messages}
-_PREF = {"preference": _pref_pairwise, "hh": _pref_hh, "ranking": _pref_ranking}
-
-
 def load_sft(source: str | Path, *, format: str = "auto", columns: dict[str, str] | None = None, split: str = "train",
              on_error: str = "raise", report_path: str | Path | None = None) -> list[SFTExample]:
-    """SFT examples from `prompt_completion` (prompt, completion) or `messages` (chat ending with the assistant) rows."""
-    def detect(has: Callable[[str], bool], get: Callable[[str], Any]) -> str | None:
-        return "messages" if has("messages") else "prompt_completion" if has("prompt") and has("completion") else None
-    return _load(source, _choose(format, _SFT, detect), columns, split, on_error, report_path)
+    """SFT examples from `prompt_completion` (prompt, completion) or `messages` (chat ending in the assistant) rows."""
+    parsers = {"prompt_completion": _sft_prompt_completion, "messages": _sft_messages}
+    return _load(source, format, parsers, _detect_sft, columns, split, on_error, report_path)
 
 
 def load_preferences(source: str | Path, *, format: str = "auto", columns: dict[str, str] | None = None,
                      split: str = "train", on_error: str = "raise",
                      report_path: str | Path | None = None) -> list[PreferenceGroup]:
     """Preference groups from `preference` (prompt/chosen/rejected, text or messages), `hh` or `ranking` rows."""
-    def detect(has: Callable[[str], bool], get: Callable[[str], Any]) -> str | None:
-        if has("responses") and has("ranks"):
-            return "ranking"
-        if not (has("chosen") and has("rejected")):
-            return None
-        # HH rows hold two whole dialogues as text and no prompt column; message lists carry their prompt themselves.
-        return "preference" if has("prompt") or isinstance(get("chosen"), list) else "hh"
-    return _load(source, _choose(format, _PREF, detect), columns, split, on_error, report_path)
+    parsers = {"preference": _pref_pairwise, "hh": _pref_hh, "ranking": _pref_ranking}
+    return _load(source, format, parsers, _detect_preference, columns, split, on_error, report_path)
 
 
 def load_prompts(source: str | Path, *, columns: dict[str, str] | None = None, split: str = "train",
@@ -403,46 +387,52 @@ def load_prompts(source: str | Path, *, columns: dict[str, str] | None = None, s
 
     An HH file (chosen/rejected dialogues) yields its shared prompts, so the preference data's prompts can drive PPO.
     """
-    parsers = {"prompt": _prompt_column, "messages": _prompt_messages, "hh": _prompt_hh}
-
-    def detect(has: Callable[[str], bool], get: Callable[[str], Any]) -> str | None:
-        return next((n for n, ok in (("prompt", has("prompt")), ("messages", has("messages")),
-                                     ("hh", has("chosen") and has("rejected"))) if ok), None)
-    return _load(source, _choose("auto", parsers, detect), columns, split, on_error, report_path)
+    parsers = {"prompt": _prompt_column, "messages": _prompt_messages, "hh": lambda row, c: _pref_hh(row, c).prompt}
+    return _load(source, "auto", parsers, _detect_prompts, columns, split, on_error, report_path)
 
 
-def _choose(format: str, parsers: dict[str, Callable], detect: Callable) -> Callable[[str, dict, dict], Callable]:
-    """A function of (source name, first readable row, columns) giving the row parser, detecting it for "auto"."""
+def _detect_sft(has: Callable[[str], bool], first: Callable[[str], Any]) -> str | None:
+    return "messages" if has("messages") else "prompt_completion" if has("prompt") and has("completion") else None
+
+
+def _detect_preference(has: Callable[[str], bool], first: Callable[[str], Any]) -> str | None:
+    if has("responses") and has("ranks"):
+        return "ranking"
+    if not (has("chosen") and has("rejected")):
+        return None
+    # HH rows hold two whole dialogues as text and no prompt column; message lists carry their prompt themselves.
+    return "preference" if has("prompt") or isinstance(first("chosen"), list) else "hh"
+
+
+def _detect_prompts(has: Callable[[str], bool], first: Callable[[str], Any]) -> str | None:
+    found = [n for n, ok in (("prompt", has("prompt")), ("messages", has("messages")),
+                             ("hh", has("chosen") and has("rejected"))) if ok]
+    return found[0] if found else None
+
+
+def _load(source, format, parsers, detect, columns, split, on_error, report_path) -> list:
+    """Parse every row of `source`; raise at the first bad row, or skip, count and report the bad rows."""
     if format != "auto" and format not in parsers:
         raise ValueError(f"Unknown format: {format!r} (expected one of: auto, {', '.join(parsers)})")
-
-    def choose(name: str, first: dict, cols: dict[str, str]) -> Callable:
-        if format != "auto":
-            return parsers[format]
-        found = detect(lambda n: cols.get(n, n) in first, lambda n: first.get(cols.get(n, n)))
-        if found is None:
-            raise DataError(name, None, None, f"cannot detect the format from columns {sorted(first)}; pass format= "
-                            f"({', '.join(parsers)}) or columns= to map names")
-        return parsers[found]
-    return choose
-
-
-def _load(source, choose, columns, split, on_error, report_path) -> list:
-    """Parse every row with the chosen parser; raise at the first bad row, or skip, count and report bad rows."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     cols = dict(columns or {})
     if unknown := sorted(set(cols) - set(COLUMNS)):
         raise ValueError(f"Unknown column key: {unknown[0]!r} (expected some of: {', '.join(COLUMNS)})")
     name, rows = _read(source, split)
-    first = next((row for _, row in rows if isinstance(row, dict)), None)
-    parse = choose(name, first, cols) if first is not None else None
+    # "auto" looks at the first readable row only: every reader yields rows with one set of columns.
+    first = next((row for _, row in rows if isinstance(row, dict)), {})
+    found = format if format != "auto" else detect(lambda n: cols.get(n, n) in first,
+                                                    lambda n: first.get(cols.get(n, n)))
+    if found is None and first:
+        raise DataError(name, None, None, f"cannot detect the format from columns {sorted(first)}; pass format= "
+                        f"({', '.join(parsers)}) or columns= to map names")
     records, errors = [], []
     for row_no, row in rows:
         error = row if isinstance(row, DataError) else None
         if error is None:
             try:
-                records.append(parse(row, cols))
+                records.append(parsers[found](row, cols))
                 continue
             except _RowError as e:
                 error = DataError(name, row_no, e.field, e.reason)
@@ -454,9 +444,8 @@ def _load(source, choose, columns, split, on_error, report_path) -> list:
                                  "rows_skipped": len(errors),
                                  "errors": [{"row": e.row, "field": e.field, "reason": e.reason} for e in errors]})
     if not records:
-        e = errors[0]
-        raise DataError(name, None, None, f"all {len(rows)} rows are invalid (first: row {e.row}, field {e.field!r}: "
-                        f"{e.reason})")
+        first_error = str(errors[0]).removeprefix(f"{name}, ")
+        raise DataError(name, None, None, f"all {len(rows)} rows are invalid (first: {first_error})")
     return records
 
 

@@ -92,7 +92,7 @@ def pretrain(cfg: Config, out_dir: Path, sink: MetricsSink = null_sink) -> Stage
         step += 1
         sink({"train/loss": loss.item(), "train/lr": sched.get_last_lr()[0]}, step)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         if step % 200 == 0 and step < p.steps:
             save_checkpoint(ckpt, model, opt, sched, {"step": step})
     bar.close()

@@ -131,7 +131,7 @@ def train_reward(cfg: Config, init_model: str, sft_model: str | None, out_dir: P
     steps_per_epoch = len(train) // r.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"reward: {len(train)} training comparisons are fewer than one batch of {r.batch_size}")
-    total_steps = steps_per_epoch * r.epochs
+    total_steps = min(steps_per_epoch * r.epochs, r.max_steps or steps_per_epoch * r.epochs)
     opt = make_optimizer(model, r.lr, r.weight_decay)
     sched = make_scheduler(opt, total_steps, int(r.warmup_ratio * total_steps))
     ckpt_dir = out_dir / "checkpoint"
@@ -141,11 +141,13 @@ def train_reward(cfg: Config, init_model: str, sft_model: str | None, out_dir: P
     bar = progress(total_steps, f"reward ({r.ranking_mode})", initial=step)
     metrics: dict[str, float] = {}
     sequences = sum(len(g.responses) for g in train[:step * r.batch_size])
-    for epoch in range(step // steps_per_epoch, r.epochs):
+    for epoch in range(step // steps_per_epoch, -(-total_steps // steps_per_epoch)):
         order = epoch_order(len(train), cfg.base.seed, epoch)
         for i, batch_idx in enumerate(batched(order, r.batch_size, drop_last=True)):
             if epoch * steps_per_epoch + i < step:
                 continue
+            if step >= total_steps:
+                break
             loss_sum, correct, n_pairs = 0.0, 0, 0
             for mb in batched(batch_idx, r.micro_batch_size):
                 groups = [train[j] for j in mb]
@@ -167,7 +169,7 @@ def train_reward(cfg: Config, init_model: str, sft_model: str | None, out_dir: P
                 metrics.update(evaluate(model, tok, held_out, cfg, device, bf16, gold))
             sink(metrics, step)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", acc=f"{metrics['train/accuracy']:.2f}")
+            bar.set_postfix(loss=f"{loss_sum:.3f}", acc=f"{metrics['train/accuracy']:.2f}", refresh=False)
             if step % 100 == 0 and step < total_steps:
                 save_checkpoint(ckpt_dir, model, opt, sched, {"step": step})
     bar.close()

@@ -105,7 +105,7 @@ def train_sft(cfg: Config, base_model: str, out_dir: Path, sink: MetricsSink = n
     steps_per_epoch = len(train_rows) // s.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"sft: {len(train_rows)} training rows are fewer than one batch of {s.batch_size}")
-    total_steps = steps_per_epoch * s.epochs
+    total_steps = min(steps_per_epoch * s.epochs, s.max_steps or steps_per_epoch * s.epochs)
     opt = make_optimizer(model, s.lr, s.weight_decay)
     sched = make_scheduler(opt, total_steps, int(s.warmup_ratio * total_steps))
     ckpt_dir = out_dir / "checkpoint"
@@ -117,11 +117,13 @@ def train_sft(cfg: Config, base_model: str, out_dir: Path, sink: MetricsSink = n
     # 3. train: each optimizer step = `accum` micro batches, loss weighted by completion tokens
     bar = progress(total_steps, "sft", initial=state["step"])
     step, metrics = state["step"], {}
-    for epoch in range(step // steps_per_epoch, s.epochs):
+    for epoch in range(step // steps_per_epoch, -(-total_steps // steps_per_epoch)):
         order = epoch_order(len(train_rows), cfg.base.seed, epoch)
         for i, batch_idx in enumerate(batched(order, s.batch_size, drop_last=True)):
             if epoch * steps_per_epoch + i < step:
-                continue  # already done before the resume
+                continue
+            if step >= total_steps:
+                break  # already done before the resume
             micro = [collate([train_rows[j] for j in mb], tok.pad_token_id, device)
                      for mb in batched(batch_idx, s.micro_batch_size)]
             n_tokens = sum(b["loss_mask"][:, 1:].sum() for b in micro).clamp(min=1)
@@ -142,7 +144,7 @@ def train_sft(cfg: Config, base_model: str, out_dir: Path, sink: MetricsSink = n
                 metrics["eval/perplexity"] = math.exp(min(metrics["eval/loss"], 50))
             sink(metrics, step)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", refresh=False)
             if step % s.checkpoint_every == 0 and step < total_steps:
                 save_checkpoint(ckpt_dir, model, opt, sched, {**state, "step": step})
     bar.close()

@@ -32,7 +32,7 @@ def test_gpu_profile_names_a_real_model_in_bf16():
     cfg = load_config(ROOT / "params.yaml", profile=ROOT / "profiles" / "gpu-pythia-410m.yaml")
     assert cfg.base.model == "EleutherAI/pythia-410m-deduped"
     assert (cfg.base.device, cfg.base.dtype) == ("cuda", "bf16")
-    assert cfg.sft.lr == pytest.approx(2e-5) and cfg.pretrain.steps == 1200  # untouched sections keep params.yaml's
+    assert cfg.sft.lr == pytest.approx(2e-5) and cfg.pretrain.steps == load_config(ROOT / "params.yaml").pretrain.steps  # untouched sections keep params.yaml's
 
 
 @pytest.mark.parametrize("raw, key, words", [

@@ -1,4 +1,4 @@
-"""Tests for rlhf_core.loaders: every source type and format, strict validation, skip reports, and the real HH sample."""
+"""Tests for rlhf_core.loaders: every source and format, strict validation, skip reports, and the real HH sample."""
 
 from __future__ import annotations
 
@@ -95,6 +95,13 @@ def test_hh_response_that_invents_a_further_turn(tmp_path):
     row = {"chosen": prompt + " Yes.  Human: ok?\n\nAssistant: Fine.", "rejected": prompt + " No."}
     [g] = load_preferences(write_lines(tmp_path / "hh.jsonl", [row]), format="hh")
     assert g.prompt == prompt and g.responses == (" Yes.  Human: ok?\n\nAssistant: Fine.", " No.")
+
+
+def test_hh_keeps_an_empty_final_turn(tmp_path):
+    # Real HH rows prefer an assistant that says nothing over a harmful reply; that is data, not a defect.
+    row = {"chosen": "\n\nHuman: Mock me.\n\nAssistant: ", "rejected": "\n\nHuman: Mock me.\n\nAssistant: You fool."}
+    [g] = load_preferences(write_lines(tmp_path / "hh.jsonl", [row]))
+    assert g.responses == (" ", " You fool.")
 
 
 def test_ranking_k4_gives_six_ordered_pairs(tmp_path):
@@ -251,6 +258,9 @@ def test_file_not_found_and_empty_file(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(DataError, match=r"empty.jsonl: no rows \(empty file\)"):
         load_preferences(tmp_path / "empty.jsonl")
+    (tmp_path / "header_only.csv").write_text("prompt,completion\n")
+    with pytest.raises(DataError, match=r"header_only.csv: no rows"):
+        load_sft(tmp_path / "header_only.csv")
 
 
 def test_skip_counts_bad_rows_and_writes_report(tmp_path):
@@ -268,7 +278,8 @@ def test_skip_counts_bad_rows_and_writes_report(tmp_path):
 
 
 def test_skip_still_raises_when_every_row_is_bad(tmp_path):
-    path, report = write_lines(tmp_path / "all_bad.jsonl", [{"prompt": "p", "completion": " "}, b"[]"]), tmp_path / "r.json"
+    path = write_lines(tmp_path / "all_bad.jsonl", [{"prompt": "p", "completion": " "}, b"[]"])
+    report = tmp_path / "r.json"
     with pytest.raises(DataError, match=r"all_bad.jsonl: all 2 rows are invalid \(first: row 1, field 'completion'"):
         load_sft(path, on_error="skip", report_path=report)
     assert json.loads(report.read_text())["rows_skipped"] == 2

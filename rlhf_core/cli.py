@@ -4,6 +4,8 @@
     python -m rlhf_core pretrain             # tiny base model (skipped when base.model names a pretrained one)
     python -m rlhf_core sft
     python -m rlhf_core reward
+    python -m rlhf_core ppo
+    python -m rlhf_core evaluate             # held-out metrics, over-optimization curves from PPO snapshots
     python -m rlhf_core all                  # every stage in order
     python -m rlhf_core check-config --profile profiles/gpu-pythia-410m.yaml
     python -m rlhf_core sft --set sft.lr=1e-4 --set base.seed=1
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from rlhf_core.config import Config, ConfigError, dump_params, load_config
 
-STAGES = ("data", "pretrain", "sft", "reward")
+STAGES = ("data", "pretrain", "sft", "reward", "ppo", "evaluate")
 
 
 def run_stage(cfg: Config, stage: str, sink=None):
@@ -46,6 +48,16 @@ def run_stage(cfg: Config, stage: str, sink=None):
         init = {"sft": sft_model, "base": base_model_path(cfg)}.get(cfg.reward.init_from, cfg.reward.init_from)
         gold = SimulatedLabeler() if cfg.reward.gold_eval else None
         return train_reward(cfg, init, sft_model, out, sink, gold=gold)
+    if stage == "ppo":
+        from rlhf_core.labeler import SimulatedLabeler
+        from rlhf_core.ppo import train_ppo
+        return train_ppo(cfg, sft_model, str(cfg.stage_dir("reward") / "model"), out, sink, gold=SimulatedLabeler())
+    if stage == "evaluate":
+        from rlhf_core.evaluate import evaluate
+        from rlhf_core.labeler import SimulatedLabeler
+        ppo = cfg.stage_dir("ppo")
+        return evaluate(cfg, sft_model, str(cfg.stage_dir("reward") / "model"), {"policy": ppo / "model"}, out, sink,
+                        gold=SimulatedLabeler(), snapshots=ppo / "snapshots")
     raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
 
 

@@ -233,6 +233,138 @@ class RewardConfig:
         _require(self.max_length >= 8, "max_length", "must be >= 8")
 
 
+@dataclass(frozen=True)
+class PPOConfig:
+    prompts: str = "rl/prompts.jsonl"
+    """prompts to roll out on (local path under base.data_dir, or a hub dataset name)"""
+    sample_prompts: str = "eval/prompts.jsonl"
+    """held-out prompts for the table of sample completions written every sample_every updates"""
+    columns: dict[str, str] = field(default_factory=dict)
+    """map the project's column names (prompt, messages) to the file's"""
+    updates: int = 60
+    """PPO iterations: each samples rollout_batch_size responses, then runs ppo_epochs over them"""
+    rollout_batch_size: int = 64
+    """prompts (= responses) per rollout batch"""
+    mini_batch_size: int = 16
+    """responses per PPO optimizer step; must divide rollout_batch_size"""
+    micro_batch_size: int = 16
+    """responses per forward/backward (gradient accumulation); must divide mini_batch_size"""
+    ppo_epochs: int = 4
+    """passes over each rollout batch, minibatches reshuffled each pass"""
+    max_prompt_tokens: int = 48
+    """prompts keep their last this-many tokens"""
+    response_length: int = 32
+    """new tokens sampled per response at most"""
+    temperature: float = 0.7
+    """sampling temperature; log-probs are recomputed with the same temperature (N+ detail 3)"""
+    lr: float = 1e-4
+    """peak learning rate of policy and value model (AdamW, eps 1e-5, linear decay to 0)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping norm"""
+    kl_coef: float = 0.05
+    """beta: weight of the per-token KL penalty to the SFT policy (initial value when adaptive_kl is on)"""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """per-token KL estimator in the reward: k1 = log pi - log pi_ref, k3 = (r - 1) - log r"""
+    adaptive_kl: bool = False
+    """adapt beta towards kl_target (Ziegler et al. 2019)"""
+    kl_target: float = 6.0
+    """target KL (nats per response) of the adaptive controller"""
+    kl_horizon: int = 10000
+    """horizon (episodes) of the adaptive controller"""
+    gamma: float = 1.0
+    """discount factor of GAE"""
+    lam: float = 0.95
+    """lambda of GAE"""
+    cliprange: float = 0.2
+    """PPO clip range of the policy ratio"""
+    cliprange_value: float = 0.2
+    """clip range of the value prediction around its old value"""
+    vf_coef: float = 0.1
+    """weight of the value loss"""
+    whiten_rewards: bool = False
+    """whiten the per-token rewards of each batch before GAE (off by default: N+ detail 10)"""
+    reward_clip: float = 0.0
+    """clip reward-model scores to [-reward_clip, reward_clip] (0 = off)"""
+    missing_eos: Literal["replace", "subtract", "none"] = "replace"
+    """a response with no EOS: its score is replaced by -missing_eos_penalty (N+), or the penalty is subtracted (TRL)"""
+    missing_eos_penalty: float = 1.0
+    """size of the no-EOS penalty"""
+    value_model: Literal["separate", "shared"] = "separate"
+    """separate: a value model initialised from the reward model (N+); shared: a value head on the policy trunk"""
+    ptx_coef: float = 0.0
+    """gamma of PPO-ptx: weight of the language-model loss on ptx_data mixed into every policy step (0 = plain PPO)"""
+    ptx_data: str = "sft/train.jsonl"
+    """demonstrations (prompt/completion or messages) or a {"text"} corpus for the PPO-ptx term"""
+    ptx_batch_size: int = 16
+    """examples per PPO-ptx batch"""
+    sample_every: int = 10
+    """updates between tables of sample completions on sample_prompts"""
+    n_samples: int = 8
+    """completions in each sample table"""
+    checkpoint_every: int = 1
+    """updates between resumable checkpoints"""
+    snapshot_every: int = 0
+    """updates between saved policy snapshots for over-optimization curves (0 = none)"""
+
+    def __post_init__(self):
+        _check_optim(self)
+        for name in ("updates", "rollout_batch_size", "mini_batch_size", "micro_batch_size", "ppo_epochs",
+                     "max_prompt_tokens", "response_length", "ptx_batch_size", "sample_every", "n_samples",
+                     "checkpoint_every", "kl_horizon"):
+            _require(getattr(self, name) >= 1, name, "must be >= 1")
+        _require(self.rollout_batch_size % self.mini_batch_size == 0, "rollout_batch_size",
+                 f"{self.rollout_batch_size} does not divide into minibatches of {self.mini_batch_size}")
+        _require(self.mini_batch_size % self.micro_batch_size == 0, "mini_batch_size",
+                 f"{self.mini_batch_size} does not divide into micro batches of {self.micro_batch_size}")
+        _require(self.temperature > 0, "temperature", "must be > 0")
+        _require(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        _require(self.kl_target > 0, "kl_target", "must be > 0")
+        _require(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
+        _require(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
+        _require(self.cliprange > 0 and self.cliprange_value > 0, "cliprange", "clip ranges must be > 0")
+        _require(self.vf_coef >= 0 and self.ptx_coef >= 0, "vf_coef", "loss weights must be >= 0")
+        _require(self.reward_clip >= 0 and self.missing_eos_penalty >= 0, "reward_clip", "must be >= 0")
+        _require(self.snapshot_every >= 0, "snapshot_every", "must be >= 0")
+
+    @property
+    def n_minibatches(self) -> int:
+        return self.rollout_batch_size // self.mini_batch_size
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    prompts: str = "eval/prompts.jsonl"
+    """held-out prompts to evaluate on (local path under base.data_dir, or a hub dataset name)"""
+    columns: dict[str, str] = field(default_factory=dict)
+    """map the project's column names (prompt, messages) to the file's"""
+    n_prompts: int = 300
+    """evaluate on at most this many prompts (the first ones of the file)"""
+    batch_size: int = 64
+    """prompts per generation / scoring batch"""
+    bon_n: int = 16
+    """largest n of the best-of-n curve: bon_n samples per prompt from SFT, n = 1..bon_n (0 = no best-of-n)"""
+    bon_prompts: int = 100
+    """prompts of the best-of-n curve (the first ones of the evaluation prompts)"""
+    alarm_window: int = 3
+    """reward-hacking alarm: evaluations (snapshots) over which the proxy must rise while the gold falls"""
+    alarm_tolerance: float = 0.02
+    """reward-hacking alarm: how far (gold units) the gold must fall below its running maximum"""
+    alarm_z: float = 2.0
+    """reward-hacking alarm: the fall must also exceed this many standard errors of the gold difference (0 = off)"""
+    n_side_by_side: int = 10
+    """prompts in the report's side-by-side table of SFT and policy completions"""
+
+    def __post_init__(self):
+        for name in ("n_prompts", "batch_size", "bon_prompts"):
+            _require(getattr(self, name) >= 1, name, "must be >= 1")
+        _require(self.bon_n >= 0, "bon_n", "must be >= 0")
+        _require(self.n_side_by_side >= 0, "n_side_by_side", "must be >= 0")
+        _require(self.alarm_window >= 2, "alarm_window", "a slope needs >= 2 evaluations")
+        _require(self.alarm_tolerance >= 0 and self.alarm_z >= 0, "alarm_tolerance", "alarm thresholds must be >= 0")
+
+
 def _check_optim(c) -> None:
     if hasattr(c, "max_steps"):
         _require(c.max_steps >= 0, "max_steps", "must be >= 0")
@@ -259,6 +391,8 @@ class Config:
     pretrain: PretrainConfig = PretrainConfig()
     sft: SFTConfig = SFTConfig()
     reward: RewardConfig = RewardConfig()
+    ppo: PPOConfig = PPOConfig()
+    evaluate: EvalConfig = EvalConfig()
 
     def data_path(self, spec: str) -> str:
         """Resolve a data spec: absolute paths and ./ or ../ paths stay, other existing-looking paths go under data_dir;

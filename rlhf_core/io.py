@@ -45,8 +45,7 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     """Write one JSON object per line, atomically, with stable key order so reruns are byte-identical."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
     return Path(path)
 
 

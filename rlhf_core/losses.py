@@ -87,3 +87,105 @@ def ranking_loss(rewards: torch.Tensor, pairs: torch.Tensor, group: torch.Tensor
         # keeps rewards near 0 (Eisenstein et al. 2023; TRL's center_rewards_coefficient)
         loss = loss + center_coef * ((r_w + r_l) ** 2 * weights).sum()
     return loss
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# PPO for language models (RLHF.md; Ziegler et al. 2019; Ouyang et al. 2022; N+ implementation details)
+# R = response tokens.
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                    torch.Tensor]:
+    """Cut each response after its first EOS (N+ detail 8).
+
+    responses: (B, R) -> (responses with PAD after the first EOS (B, R), mask of kept tokens incl. the EOS (B, R),
+    has_eos (B,)).
+    """
+    is_eos = responses == eos_id                                               # (B, R)
+    after = (is_eos.long().cumsum(1) - is_eos.long()) > 0                      # (B, R) strictly after the first EOS
+    mask = ~after                                                              # (B, R)
+    return responses.masked_fill(after, pad_id), mask.long(), is_eos.any(1)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled by pi (Schulman 2020, "Approximating KL").
+
+    k1 = log pi - log pi_ref (unbiased, can be negative per token); k3 = (r - 1) - log r with r = pi_ref / pi
+    (unbiased, never negative, lower variance). (B, R) -> (B, R).
+    """
+    logr = ref_logprobs - logprobs                                             # (B, R)
+    if estimator == "k1":
+        return -logr
+    if estimator == "k3":
+        return torch.expm1(logr) - logr
+    raise ValueError(f"unknown KL estimator {estimator!r} (k1 or k3)")
+
+
+def token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """-kl_coef * KL on every kept response token, plus the reward-model score on the last kept token.
+
+    kl, mask: (B, R); scores: (B,) -> (B, R), zero where mask is 0.
+    """
+    rewards = -kl_coef * kl * mask                                             # (B, R)
+    last = (mask.sum(1) - 1).clamp(min=0)                                      # (B,)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over each response, stopping at its last kept token.
+
+    delta_t = r_t + gamma V_{t+1} - V_t;  A_t = sum_l (gamma lam)^l delta_{t+l};  returns = A + V.
+    rewards, values, mask: (B, R) -> advantages, returns: (B, R), zero where mask is 0.
+    """
+    rewards, values = rewards * mask, values * mask                            # (B, R) nothing after the episode
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])                                  # (B,)
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]              # (B,)
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    return advantages * mask, (advantages + values) * mask
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                cliprange: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate against the policy that sampled the batch: max(-A r, -A clip(r, 1-eps, 1+eps)).
+
+    All (B, R). Returns (loss, stats: clipfrac, approxkl = 0.5 E[(log r)^2], ratio mean).
+    """
+    log_ratio = logprobs - old_logprobs                                        # (B, R)
+    ratio = torch.exp(log_ratio)                                               # (B, R)
+    unclipped = -advantages * ratio                                            # (B, R)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    stats = {"clipfrac": masked_mean((clipped > unclipped).float(), mask),
+             "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask), "ratio": masked_mean(ratio, mask)}
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss: 0.5 max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2). All (B, R).
+
+    Returns (loss, fraction of tokens where the clipped term was the larger).
+    """
+    clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)   # (B, R)
+    unclipped_sq, clipped_sq = (values - returns) ** 2, (clipped - returns) ** 2               # (B, R)
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_sq, clipped_sq), mask)
+    return loss, masked_mean((clipped_sq > unclipped_sq).float(), mask)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per position: (B, T, V) -> (B, T)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def adaptive_kl_coef(kl_coef: float, current_kl: float, target: float, horizon: int, n_steps: int) -> float:
+    """Ziegler et al. 2019's proportional controller: beta <- beta (1 + clip(KL/target - 1, -0.2, 0.2) n / horizon),
+    with n the episodes (rollouts) seen since the last update."""
+    error = min(max(current_kl / target - 1.0, -0.2), 0.2)
+    return kl_coef * (1.0 + error * n_steps / horizon)

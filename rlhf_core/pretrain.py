@@ -20,8 +20,17 @@ from rlhf_core import io, runtime
 from rlhf_core.config import Config
 from rlhf_core.losses import lm_loss
 from rlhf_core.models import num_params, save_pretrained, tiny_gpt2, train_tokenizer
-from rlhf_core.training import (MetricsSink, StageResult, load_checkpoint, make_optimizer, make_scheduler, null_sink,
-                                progress, save_checkpoint, write_metrics)
+from rlhf_core.training import (
+    MetricsSink,
+    StageResult,
+    load_checkpoint,
+    make_optimizer,
+    make_scheduler,
+    null_sink,
+    progress,
+    save_checkpoint,
+    write_metrics,
+)
 
 
 def base_model_path(cfg: Config) -> str:

@@ -18,12 +18,29 @@ import torch
 from rlhf_core import io, loaders, runtime
 from rlhf_core.config import Config
 from rlhf_core.losses import ranking_loss
-from rlhf_core.models import (load_causal_lm, load_reward_model, load_tokenizer, reward_model_from_lm, save_pretrained,
-                              shift_reward)
+from rlhf_core.models import (
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    reward_model_from_lm,
+    save_pretrained,
+    shift_reward,
+)
 from rlhf_core.sampling import generate
 from rlhf_core.sft import collate, tokenize_example
-from rlhf_core.training import (MetricsSink, StageResult, batched, epoch_order, load_checkpoint, make_optimizer,
-                                make_scheduler, null_sink, progress, save_checkpoint, write_metrics)
+from rlhf_core.training import (
+    MetricsSink,
+    StageResult,
+    batched,
+    epoch_order,
+    load_checkpoint,
+    make_optimizer,
+    make_scheduler,
+    null_sink,
+    progress,
+    save_checkpoint,
+    write_metrics,
+)
 
 
 def rewards_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

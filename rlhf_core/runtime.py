@@ -28,7 +28,7 @@ def resolve_device(base: BaseConfig) -> torch.device:
     return torch.device(base.device)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_bf16_speedup(n: int = 256, reps: int = 3) -> float:
     """Measured fp32/bf16 time ratio of an n x n matmul on this CPU (> 1 means bf16 is faster)."""
     def bench(dtype):

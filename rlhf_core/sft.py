@@ -19,8 +19,19 @@ from rlhf_core.config import Config
 from rlhf_core.losses import lm_loss
 from rlhf_core.models import load_causal_lm, load_tokenizer, save_pretrained
 from rlhf_core.sampling import generate
-from rlhf_core.training import (MetricsSink, StageResult, batched, epoch_order, load_checkpoint, make_optimizer,
-                                make_scheduler, null_sink, progress, save_checkpoint, write_metrics)
+from rlhf_core.training import (
+    MetricsSink,
+    StageResult,
+    batched,
+    epoch_order,
+    load_checkpoint,
+    make_optimizer,
+    make_scheduler,
+    null_sink,
+    progress,
+    save_checkpoint,
+    write_metrics,
+)
 
 Row = tuple[list[int], list[int]]  # (token ids, loss mask: 1 on completion tokens)
 
@@ -101,7 +112,6 @@ def train_sft(cfg: Config, base_model: str, out_dir: Path, sink: MetricsSink = n
     # 2. model, optimizer, schedule; resume when a checkpoint exists
     model = load_causal_lm(base_model, tok).to(device)
     model.train()
-    accum = s.batch_size // s.micro_batch_size
     steps_per_epoch = len(train_rows) // s.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"sft: {len(train_rows)} training rows are fewer than one batch of {s.batch_size}")

@@ -48,13 +48,13 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     return torch.optim.AdamW(groups, lr=lr, eps=1e-5)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
-    """Linear warmup, then cosine decay to 0 (LR annealed to 0: N+ detail 12)."""
+def make_scheduler(opt: torch.optim.Optimizer, total_steps: int, warmup_steps: int, shape: str = "cosine"):
+    """Linear warmup, then cosine (or linear) decay to 0 (LR annealed to 0: N+ detail 12)."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 1.0 - progress if shape == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 

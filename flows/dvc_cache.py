@@ -1,0 +1,127 @@
+"""DVC is the one cache: its stage hashes (data md5 + the stage's params + its code, from dvc.yaml) decide what reruns.
+
+A Prefect task never decides for itself: it runs `dvc repro --single-item <stage>` and reports what DVC did. A stage
+DVC ran wrote a record file (flows/stage.py); one it restored from its run-cache printed "is cached"; otherwise it was
+unchanged. Prefect's own task cache stays off (`NO_CACHE`), so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+RAN, RESTORED, SKIPPED = "ran", "restored", "skipped"
+WHY = {RAN: "ran (inputs, params or code changed)", RESTORED: "restored from DVC's run-cache (seen before)",
+       SKIPPED: "skipped (unchanged: data md5, params and code match dvc.lock)"}
+
+
+def dvc_bin() -> str:
+    return str(Path(sys.executable).parent / "dvc")
+
+
+def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for dvc and stage commands: this interpreter's bin first, so dvc.yaml's `python` is ours."""
+    env = dict(os.environ, **(extra or {}))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def dvc(*args: str, repo: Path = Path("."), check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([dvc_bin(), *args], cwd=repo, env=tool_env(), capture_output=True, text=True, check=False)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def data_md5(repo: Path = Path(".")) -> str:
+    """The data version: the md5 that data.dvc records for data/."""
+    return yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+
+
+def pipeline_stages(repo: Path = Path(".")) -> dict[str, dict]:
+    """dvc.yaml's stages, with ${base.out_dir} (the only variable it uses) resolved from params.yaml."""
+    out_dir = yaml.safe_load((repo / "params.yaml").read_text()).get("base", {}).get("out_dir", "outputs")
+    text = (repo / "dvc.yaml").read_text().replace("${base.out_dir}", out_dir)
+    return yaml.safe_load(text)["stages"]
+
+
+def out_md5(stage: str, path: str, repo: Path = Path(".")) -> str | None:
+    """DVC's hash of one output of `stage`, as dvc.lock records it (None when the stage has not run)."""
+    lock = repo / "dvc.lock"
+    stages = yaml.safe_load(lock.read_text())["stages"] if lock.exists() else {}
+    return next((o["md5"] for o in stages.get(stage, {}).get("outs", []) if o["path"] == path), None)
+
+
+def data_is_current(repo: Path = Path(".")) -> bool:
+    """Does data/ hold exactly the version data.dvc names?"""
+    return (repo / "data").is_dir() and json.loads(dvc("status", "--json", "data.dvc", repo=repo).stdout or "{}") == {}
+
+
+def repro(stage: str, env: dict[str, str], on_line: Callable[[str], None], poll: Callable[[], None] | None = None,
+          repo: Path = Path(".")) -> tuple[str, dict | None]:
+    """`dvc repro --single-item <stage>`; returns RAN, RESTORED or SKIPPED, and the stage command's record (its
+    MLflow run id and seconds) when it ran. `on_line` gets each output line; `poll` is called about once a second."""
+    with tempfile.TemporaryDirectory(prefix="rlhf-stage-") as tmp:
+        record = Path(tmp) / "record.json"
+        proc = subprocess.Popen([dvc_bin(), "repro", "--single-item", stage], cwd=repo, text=True,
+                                env=tool_env({**env, "RLHF_STAGE_RECORD": str(record)}),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        lines: list[str] = []
+
+        def read() -> None:
+            for line in proc.stdout:
+                lines.append(line)
+                on_line(line.rstrip())
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        while proc.poll() is None:
+            reader.join(timeout=1.0)
+            if poll:
+                poll()
+        reader.join()
+        if proc.returncode != 0:
+            raise RuntimeError(f"dvc repro {stage} failed ({proc.returncode}):\n{''.join(lines[-40:])}")
+        if record.exists():
+            return RAN, json.loads(record.read_text())
+        return (RESTORED if any("is cached" in x for x in lines) else SKIPPED), None
+
+
+def set_params(overrides: list[str], profile: str | None = None, path: Path = Path("params.yaml")) -> bool:
+    """Write a profile (merged over) and dotted `key=value` overrides into params.yaml, as `dvc exp run --set-param`
+    does, so DVC's hashes see them; comments survive (ruamel round trip). Returns whether the file changed."""
+    from ruamel.yaml import YAML
+
+    if not overrides and not profile:
+        return False
+    rt = YAML()
+    doc = rt.load(path.read_text())
+    if profile:
+        _merge(doc, rt.load(Path(profile).read_text()) or {})
+    for item in overrides:
+        key, _, value = item.partition("=")
+        *parents, last = key.strip().split(".")
+        node = doc
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = yaml.safe_load(value)
+    old = path.read_text()
+    with open(path, "w") as f:
+        rt.dump(doc, f)
+    return path.read_text() != old
+
+
+def _merge(into, overlay) -> None:
+    for k, v in overlay.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v

@@ -1,0 +1,192 @@
+"""One pipeline stage inside an MLflow run: the command of every stage in dvc.yaml.
+
+    python -m flows.stage sft        # what `dvc repro` runs, from the repository root
+    python -m flows.stage sweep --kl-coefs 0 0.05 0.2   # rlhf_core.sweep (the over-optimization flow runs this)
+
+Runs `rlhf_core.cli.run_stage(cfg, stage, sink)` on params.yaml with a sink that logs each step's metrics to MLflow
+and keeps them for outputs/<stage>/history.csv (a DVC plot); system metrics are on. Logs the stage's params, its
+input files as datasets (digest: data.dvc's md5) and its small outputs (metrics, samples, plots, reports) as
+artifacts; models stay in DVC's cache until the registry step logs the ones it registers. Under the flow the run
+is a child of the pipeline's parent run (RLHF_PARENT_RUN_ID); by hand it is a run of its own.
+
+The `data` stage validates instead of generating: data/ is data.dvc's output, so no dvc.yaml stage may write it.
+It loads every input file the later stages will read with their loaders and settings and writes
+outputs/data/report.json (rows per input and the data md5), so malformed data stops the pipeline before training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+from flows import tracking
+from flows.dvc_cache import data_md5
+from rlhf_core import io, loaders
+from rlhf_core.config import Config, load_config
+from rlhf_core.pretrain import read_corpus
+from rlhf_core.training import StageResult
+
+RECORD_ENV, PROGRESS_ENV = "RLHF_STAGE_RECORD", "RLHF_PROGRESS_FILE"
+SOMETIMES_DIRS = {"ppo": ("snapshots", "samples"), "evaluate": ("plots",)}
+PROGRESS_BAR = {"sweep": "ppo"}  # whose tqdm bar tells a stage's progress (the sweep's: each PPO run's)
+
+
+def data_inputs(cfg: Config) -> dict[str, tuple[str | None, Callable]]:
+    """Every input file of the later stages: config key -> (spec, how that stage loads it)."""
+    s, r, p, e = cfg.sft, cfg.reward, cfg.ppo, cfg.evaluate
+    sft = partial(loaders.load_sft, format=s.format, columns=s.columns or None, on_error=s.on_error)
+    prefs = partial(loaders.load_preferences, format=r.format, columns=r.columns or None, on_error=r.on_error)
+    return {"pretrain.corpus": (None if cfg.base.model else "pretrain.jsonl", read_corpus),
+            "sft.train_data": (s.train_data, sft), "sft.eval_data": (s.eval_data, sft),
+            "reward.train_data": (r.train_data, prefs), "reward.eval_data": (r.eval_data, prefs),
+            "ppo.prompts": (p.prompts, partial(loaders.load_prompts, columns=p.columns or None)),
+            "ppo.sample_prompts": (p.sample_prompts, partial(loaders.load_prompts, columns=p.columns or None)),
+            "ppo.ptx_data": (p.ptx_data, loaders.load_sft),
+            "evaluate.prompts": (e.prompts, partial(loaders.load_prompts, columns=e.columns or None))}
+
+
+def validate_data(cfg: Config) -> StageResult:
+    """Load every local input of the later stages as they will load it; rows per input into <out>/data/report.json.
+    Hub datasets are left to the stages that download them."""
+    rows = {}
+    for key, (spec, load) in data_inputs(cfg).items():
+        if spec and Path(path := cfg.data_path(spec)).exists():
+            rows[key] = len(load(path))
+    out = cfg.stage_dir("data") / "report.json"
+    io.write_json(out, {"data_md5": data_md5(), "rows": rows})
+    return StageResult({"report": out}, {f"rows/{k}": v for k, v in rows.items()})
+
+
+class Sink:
+    """The metrics sink: MLflow per step (asynchronously, so training never waits on the tracking store), a history
+    for the CSV plot, and a progress file the flow turns into a Prefect progress artifact."""
+
+    def __init__(self, bar: str, progress_file: str | None):
+        self.bar, self.progress_file, self.rows, self.last_write = bar, progress_file, [], 0.0
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        import mlflow
+
+        mlflow.log_metrics(tracking.numeric(metrics), step=step, synchronous=False)
+        self.rows.append({"step": step, **metrics})
+        if self.progress_file and time.monotonic() - self.last_write > 1.0:
+            io.write_json(self.progress_file, {"step": step, "total": self._total()})
+            self.last_write = time.monotonic()
+
+    def _total(self) -> int | None:
+        # rlhf_core reports steps, not totals; its tqdm bar (desc starting with the stage name) knows the total.
+        from tqdm import tqdm
+
+        bars = [b for b in list(getattr(tqdm, "_instances", [])) if str(b.desc).startswith(self.bar)]
+        return int(bars[0].total) if bars and bars[0].total else None
+
+    def write_csv(self, path: Path) -> Path | None:
+        if not self.rows:
+            return None
+        columns = list(dict.fromkeys(k for row in self.rows for k in row))
+        with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        return path
+
+
+def plot_history(rows: list[dict], stage: str, out: Path) -> Path:
+    """One panel per loss/accuracy-like metric against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "step" and k.split("/")[-1] in
+            ("loss", "accuracy", "gold_accuracy", "reward", "kl", "mean", "win_rate")][:6] or ["step"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+        ax.set_title(f"{stage}: {key}")
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def log_outputs(stage_dir: Path) -> None:
+    """Every small output file as an artifact; models (final, checkpoints, snapshots) stay with DVC."""
+    import mlflow
+
+    for path in sorted(stage_dir.rglob("*")):
+        rel = path.relative_to(stage_dir)
+        if path.is_file() and not set(rel.parts) & {"model", "checkpoint", "snapshots"} and rel.name[0] != ".":
+            mlflow.log_artifact(str(path), artifact_path=str(Path("outputs", *rel.parts[:-1])))
+
+
+def run(cfg: Config, stage: str, sink: Sink, kl_coefs: list[float]) -> StageResult:
+    from rlhf_core.cli import run_stage
+
+    if stage == "data":
+        return validate_data(cfg)
+    if stage == "sweep":
+        from rlhf_core.sweep import sweep
+
+        return sweep(cfg, kl_coefs, cfg.stage_dir("sweep"), sink)
+    result = run_stage(cfg, stage, sink)
+    # dvc.yaml declares outputs that rlhf_core writes only sometimes; DVC needs them to exist
+    if stage == "pretrain" and cfg.base.model:
+        io.write_text(cfg.stage_dir(stage) / "model" / "PRETRAINED.txt", f"base.model: {cfg.base.model}\n")
+    for name in SOMETIMES_DIRS.get(stage, ()):
+        (cfg.stage_dir(stage) / name).mkdir(parents=True, exist_ok=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    import mlflow
+
+    from rlhf_core.cli import STAGES
+
+    ap = argparse.ArgumentParser(prog="python -m flows.stage", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=(*STAGES, "sweep"))
+    ap.add_argument("--kl-coefs", type=float, nargs="+", default=[], help="sweep only: one PPO run per coefficient")
+    args = ap.parse_args(argv)
+    stage, cfg = args.stage, load_config("params.yaml")
+    if cfg.base.data_dir != "data":
+        raise SystemExit("base.data_dir must be `data`: data.dvc versions data/ and dvc.yaml's stages depend on it")
+    sink, t0 = Sink(PROGRESS_BAR.get(stage, stage), os.environ.get(PROGRESS_ENV)), time.perf_counter()
+    stage_dir = cfg.stage_dir(stage)
+    with mlflow.start_run(experiment_id=tracking.experiment_id(), run_name=stage, log_system_metrics=True,
+                          tags=tracking.run_tags(stage, os.environ.get(tracking.PARENT_ENV),
+                                                 os.environ.get(tracking.FLOW_RUN_ENV))) as mlrun:
+        sections = ["base", "ppo", "evaluate"] if stage == "sweep" else ["base", stage]
+        tracking.log_params(mlrun.info.run_id, tracking.flat_params(cfg, sections))
+        if args.kl_coefs:
+            mlflow.log_param("sweep.kl_coefs", " ".join(map(str, args.kl_coefs)))
+        tracking.log_lineage(tracking.stage_inputs(cfg, stage), digest=data_md5(),
+                             context="validation" if stage == "data" else "training")
+        result = run(cfg, stage, sink, args.kl_coefs)
+        last_step = max((r["step"] for r in sink.rows), default=0)
+        mlflow.log_metrics(tracking.numeric(result.metrics), step=last_step)
+        if sink.write_csv(stage_dir / "history.csv"):
+            with tempfile.TemporaryDirectory() as tmp:
+                mlflow.log_artifact(str(plot_history(sink.rows, stage, Path(tmp) / f"{stage}_history.png")), "plots")
+        log_outputs(stage_dir)
+        seconds = time.perf_counter() - t0
+        mlflow.log_metric("stage/seconds", seconds)
+    if record := os.environ.get(RECORD_ENV):
+        io.write_json(record, {"run_id": mlrun.info.run_id, "seconds": seconds})
+    print(json.dumps({"stage": stage, "mlflow_run_id": mlrun.info.run_id, "seconds": round(seconds, 1),
+                      "metrics": result.metrics}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

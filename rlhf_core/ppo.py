@@ -1,0 +1,337 @@
+"""PPO against the reward model with a per-token KL penalty to the SFT policy, and optional PPO-ptx.
+
+    python -m rlhf_core ppo
+
+InstructGPT's objective  E[r(x, y) - beta log(pi(y|x) / pi_SFT(y|x))] + gamma_ptx E_pretrain[log pi(x)], optimised the
+way the N+ implementation details prescribe: sampling with top_k=0/top_p=1, log-probs recomputed at the sampling
+temperature, responses cut after the first EOS, a penalty for responses without one, GAE (gamma=1, lambda=0.95) with
+whitened advantages, clipped policy and value losses against the policy that sampled the batch, several epochs of
+reshuffled minibatches, a value model initialised from the reward model.
+
+A checkpoint after every update holds everything (weights, optimizer, scheduler, RNG states, data position, KL
+controller, metric history), so a run killed at any point and restarted ends where an uninterrupted run ends.
+Writes <out>/model (the policy), <out>/metrics.json, <out>/history.jsonl, <out>/samples/update_XXXX.jsonl and, with
+snapshot_every > 0, <out>/snapshots/update_XXXX (policies along the run, for over-optimization curves).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhf_core import io, loaders, runtime
+from rlhf_core.config import Config
+from rlhf_core.losses import (
+    adaptive_kl_coef,
+    compute_gae,
+    entropy_from_logits,
+    kl_penalty,
+    lm_loss,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    token_logprobs,
+    token_rewards,
+    truncate_after_eos,
+    value_loss,
+)
+from rlhf_core.pretrain import read_corpus
+from rlhf_core.models import _score_head, load_causal_lm, load_reward_model, load_tokenizer, save_pretrained
+from rlhf_core.sampling import decode_responses, encode_prompts, position_ids
+from rlhf_core.sft import collate, tokenize_example
+from rlhf_core.training import (
+    MetricsSink,
+    StageResult,
+    epoch_order,
+    load_checkpoint,
+    make_optimizer,
+    make_scheduler,
+    null_sink,
+    progress,
+    save_checkpoint,
+    write_metrics,
+)
+
+
+@dataclass
+class Rollout:
+    """One batch of episodes. B = responses, Q = prompt tokens (left-padded), R = response tokens."""
+
+    queries: torch.Tensor        # (B, Q) prompt ids, left-padded with PAD
+    query_mask: torch.Tensor     # (B, Q) 1 on real prompt tokens
+    responses: torch.Tensor      # (B, R) sampled ids, PAD after the first EOS
+    response_mask: torch.Tensor  # (B, R) 1 on kept tokens, up to and including the first EOS
+    logprobs: torch.Tensor       # (B, R) log pi_old(a_t | s_t) of the policy that sampled, at the sampling temperature
+    ref_logprobs: torch.Tensor   # (B, R) log pi_SFT(a_t | s_t), same temperature
+    values: torch.Tensor         # (B, R) V_old(s_t)
+    scores: torch.Tensor         # (B,) reward-model score after the no-EOS rule
+    rewards: torch.Tensor        # (B, R) -beta KL per token, plus the score on the last kept token
+    advantages: torch.Tensor     # (B, R) GAE advantages, whitened over the batch
+    returns: torch.Tensor        # (B, R) GAE returns (advantages before whitening + values)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.queries, self.responses], 1)                  # (B, Q + R)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.response_mask], 1)           # (B, Q + R)
+
+    def select(self, idx: torch.Tensor) -> Rollout:
+        return Rollout(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+
+def scalar_outputs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-position output of a scalar-head model (reward or value model): (B, T) -> (B, T)."""
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+    return _score_head(model)(hidden).squeeze(-1).float()                    # (B, T)
+
+
+class PolicyAndValue(nn.Module):
+    """Everything PPO trains: the policy and its critic, either a separate value model (N+) or a head on the policy's
+    own trunk ("shared", one forward for both). One optimizer steps both."""
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module | None = None, value_head: nn.Linear | None = None):
+        super().__init__()
+        self.policy, self.value_model, self.value_head = policy, value_model, value_head
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, context: int, temperature: float):
+        """Logits (B, R, V) and values (B, R) for the R tokens after the first `context` positions."""
+        pos = position_ids(mask)
+        out = self.policy(input_ids=ids, attention_mask=mask, position_ids=pos,
+                          output_hidden_states=self.value_head is not None)
+        logits = out.logits[:, context - 1:-1] / temperature                 # (B, R, V) position t predicts t+1
+        if self.value_head is not None:
+            values = self.value_head(out.hidden_states[-1][:, context - 1:-1]).squeeze(-1).float()
+        else:
+            values = scalar_outputs(self.value_model, ids, mask)[:, context - 1:-1]
+        return logits, values                                                 # (B, R, V), (B, R)
+
+
+def sample_responses(policy: nn.Module, tok, queries: torch.Tensor, qmask: torch.Tensor, p) -> tuple[torch.Tensor, ...]:
+    """Sample with top_k=0, top_p=1 at p.temperature (KV cache), cut after the first EOS.
+
+    queries, qmask: (B, Q) left-padded -> responses (B, R) PAD after EOS, response mask (B, R), has_eos (B,)."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(do_sample=True, temperature=p.temperature, top_k=0, top_p=1.0,
+                           max_new_tokens=p.response_length, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    sequences = policy.generate(input_ids=queries, attention_mask=qmask, generation_config=gen)
+    return truncate_after_eos(sequences[:, queries.shape[1]:], tok.eos_token_id, tok.pad_token_id)
+
+
+def score_responses(rm: nn.Module, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor, has_eos: torch.Tensor,
+                    p) -> torch.Tensor:
+    """The score PPO optimises: the reward model read at the last kept token (N+ detail 5), optionally clipped, with
+    the no-EOS rule (N+ detail 8). ids, mask: (B, T); last, has_eos: (B,) -> (B,)."""
+    scores = scalar_outputs(rm, ids, mask)[torch.arange(len(ids)), last]      # (B,)
+    if p.reward_clip > 0:
+        scores = scores.clamp(-p.reward_clip, p.reward_clip)
+    if p.missing_eos == "replace":
+        scores = torch.where(has_eos, scores, torch.full_like(scores, -p.missing_eos_penalty))
+    elif p.missing_eos == "subtract":
+        scores = scores - p.missing_eos_penalty * (~has_eos).float()
+    return scores
+
+
+@torch.no_grad()
+def rollout(pv: PolicyAndValue, ref: nn.Module, rm: nn.Module, tok, prompts: list[str], cfg: Config,
+            kl_coef: float, device) -> tuple[Rollout, dict[str, float]]:
+    """1. sample responses, 2. score them, 3. per-token rewards and GAE advantages."""
+    p = cfg.ppo
+    pv.eval()
+    queries, qmask = encode_prompts(tok, prompts, p.max_prompt_tokens, device)
+    responses, rmask, has_eos = sample_responses(pv.policy, tok, queries, qmask, p)
+    ids, mask, q = torch.cat([queries, responses], 1), torch.cat([qmask, rmask], 1), queries.shape[1]
+
+    logits, values = pv(ids, mask, q, p.temperature)                          # (B, R, V), (B, R)
+    logprobs = token_logprobs(logits, responses)                              # (B, R)
+    entropy = entropy_from_logits(logits)                                     # (B, R)
+    ref_logits = ref(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    ref_logprobs = token_logprobs(ref_logits[:, q - 1:-1], responses, p.temperature)
+    last = q + rmask.sum(1) - 1                                               # (B,) index of the last kept token
+    scores = score_responses(rm, ids, mask, last, has_eos, p)                 # (B,)
+
+    kl = kl_penalty(logprobs, ref_logprobs, p.kl_estimator) * rmask           # (B, R)
+    rewards = token_rewards(kl, scores, rmask, kl_coef)                       # (B, R)
+    if p.whiten_rewards:
+        rewards = masked_whiten(rewards, rmask, shift_mean=False) * rmask
+    advantages, returns = compute_gae(rewards, values, rmask, p.gamma, p.lam)
+    advantages = masked_whiten(advantages, rmask) * rmask
+    batch = Rollout(queries, qmask, responses, rmask, logprobs * rmask, ref_logprobs * rmask, values * rmask,
+                    scores, rewards, advantages, returns)
+    kl_sum = kl.sum(1)                                                        # (B,)
+    non_score = (-kl_coef * kl).sum(1)                                        # (B,)
+    stats = {"objective/kl": kl_sum.mean().item(),
+             "objective/kl_k3": (kl_penalty(logprobs, ref_logprobs, "k3") * rmask).sum(1).mean().item(),
+             "objective/entropy": (entropy * rmask).sum(1).mean().item(),
+             "objective/non_score_reward": non_score.mean().item(),
+             "objective/rlhf_reward": (scores + non_score).mean().item(),
+             "objective/scores": scores.mean().item(),
+             "val/num_eos_tokens": has_eos.sum().item(),
+             "val/response_length": rmask.sum(1).float().mean().item()}
+    return batch, stats
+
+
+def ppo_step(pv: PolicyAndValue, batch: Rollout, opt, sched, cfg: Config, ptx_rows, ptx_cursor: int,
+             pad_id: int) -> dict[str, float]:
+    """4. several epochs of clipped PPO updates over reshuffled minibatches of one rollout batch."""
+    p = cfg.ppo
+    pv.train()
+    q = batch.queries.shape[1]
+    ids, mask = batch.input_ids, batch.attention_mask
+    acc: dict[str, list[float]] = {}
+    for _ in range(p.ppo_epochs):
+        for mb in torch.randperm(len(ids)).split(p.mini_batch_size):
+            for micro in mb.split(p.micro_batch_size):
+                b = batch.select(micro)
+                logits, vpred = pv(ids[micro], mask[micro], q, p.temperature)  # (b, R, V), (b, R)
+                new_logprobs = token_logprobs(logits, b.responses)            # (b, R)
+                pg_loss, pg = policy_loss(new_logprobs, b.logprobs, b.advantages, b.response_mask, p.cliprange)
+                vf_loss, vf_clipfrac = value_loss(vpred, b.values, b.returns, b.response_mask, p.cliprange_value)
+                loss = pg_loss + p.vf_coef * vf_loss
+                if p.ptx_coef > 0:
+                    rows = [ptx_rows[(ptx_cursor + i) % len(ptx_rows)] for i in range(p.ptx_batch_size)]
+                    ptx_cursor += p.ptx_batch_size
+                    x = collate(rows, pad_id, ids.device)
+                    ptx_logits = pv.policy(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
+                    ptx_loss = lm_loss(ptx_logits, x["input_ids"], x["loss_mask"])[0]
+                    loss = loss + p.ptx_coef * ptx_loss
+                    acc.setdefault("loss/ptx_avg", []).append(ptx_loss.item())
+                (loss * len(micro) / len(mb)).backward()
+                with torch.no_grad():
+                    entropy = masked_mean(entropy_from_logits(logits), b.response_mask)
+                for k, v in (("policy/approxkl_avg", pg["approxkl"]), ("policy/clipfrac_avg", pg["clipfrac"]),
+                             ("loss/policy_avg", pg_loss), ("loss/value_avg", vf_loss),
+                             ("val/clipfrac_avg", vf_clipfrac), ("policy/entropy_avg", entropy),
+                             ("val/ratio", pg["ratio"])):
+                    acc.setdefault(k, []).append(v.item())
+            torch.nn.utils.clip_grad_norm_(pv.parameters(), p.max_grad_norm)
+            opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+    out = {k: sum(v) / len(v) for k, v in acc.items()}
+    ratios = torch.tensor(acc["val/ratio"])
+    out["val/ratio_var"] = ratios.var().item() if len(ratios) > 1 else 0.0
+    return out
+
+
+def load_ptx_rows(cfg: Config, tok) -> list:
+    """Token rows for the PPO-ptx term: demonstrations (loss on completions) or a {"text"} corpus (loss on all)."""
+    p = cfg.ppo
+    path = cfg.data_path(p.ptx_data)
+    width = p.max_prompt_tokens + p.response_length
+    if Path(path).is_file() and path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            first = json.loads(f.readline() or "{}")
+        if "text" in first:
+            return [tokenize_example(tok, "", t, width) for t in read_corpus(Path(path))]
+    return [tokenize_example(tok, e.prompt, e.completion, width) for e in loaders.load_sft(path)]
+
+
+def build(cfg: Config, sft_model: str, reward_model: str, device):
+    """Policy (trained), reference (frozen SFT), reward model (frozen) and the critic."""
+    tok = load_tokenizer(sft_model)
+    policy = load_causal_lm(sft_model, tok).to(device)
+    ref = load_causal_lm(sft_model, tok).to(device).eval().requires_grad_(False)
+    rm = load_reward_model(reward_model).to(device).eval().requires_grad_(False)
+    if rm.get_input_embeddings().num_embeddings != policy.get_input_embeddings().num_embeddings:
+        raise ValueError(f"reward model {reward_model} and policy {sft_model} have different vocabularies; "
+                         "PPO needs one tokenizer for both")
+    if cfg.ppo.value_model == "separate":  # initialised from the reward model (N+ detail 7)
+        pv = PolicyAndValue(policy, value_model=load_reward_model(reward_model).to(device))
+    else:
+        rm_head = _score_head(rm)
+        head = nn.Linear(rm_head.in_features, 1).to(device)
+        with torch.no_grad():
+            head.weight.copy_(rm_head.weight), head.bias.zero_()
+        pv = PolicyAndValue(policy, value_head=head)
+    return tok, pv, ref, rm
+
+
+def train_ppo(cfg: Config, sft_model: str, reward_model: str, out_dir: Path, sink: MetricsSink = null_sink,
+              gold=None) -> StageResult:
+    """PPO from `sft_model` against `reward_model`; `gold` (e.g. the simulated labeler) adds objective/gold."""
+    p, out_dir = cfg.ppo, Path(out_dir)
+    runtime.seed_everything(cfg.base.seed)
+    runtime.set_threads(cfg.base)
+    device = runtime.resolve_device(cfg.base)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    tok, pv, ref, rm = build(cfg, sft_model, reward_model, device)
+    prompts = loaders.load_prompts(cfg.data_path(p.prompts), columns=p.columns or None)
+    sample_prompts = loaders.load_prompts(cfg.data_path(p.sample_prompts), columns=p.columns or None)[:p.n_samples]
+    ptx_rows = load_ptx_rows(cfg, tok) if p.ptx_coef > 0 else []
+    opt = make_optimizer(pv, p.lr, p.weight_decay)
+    total_steps = p.updates * p.ppo_epochs * p.n_minibatches
+    sched = make_scheduler(opt, total_steps, 0, shape="linear")
+    ckpt = out_dir / "checkpoint"
+    state = load_checkpoint(ckpt, pv, opt, sched) or {"update": 0, "kl_coef": p.kl_coef, "history": []}
+
+    bar = progress(p.updates, "ppo", initial=state["update"])
+    while state["update"] < p.updates:
+        u, t0 = state["update"], time.perf_counter()
+        # 1-3. rollouts: prompts follow a seeded order per pass over the prompt set (resume-exact by update index)
+        start = u * p.rollout_batch_size
+        batch_prompts = [prompts[epoch_order(len(prompts), cfg.base.seed, (start + i) // len(prompts))[
+            (start + i) % len(prompts)]] for i in range(p.rollout_batch_size)]
+        batch, stats = rollout(pv, ref, rm, tok, batch_prompts, cfg, state["kl_coef"], device)
+        if gold is not None:
+            texts = decode_responses(tok, batch.responses)
+            stats["objective/gold"] = sum(gold.score_batch(batch_prompts, texts)) / len(texts)
+        t1 = time.perf_counter()
+        # 4. PPO epochs
+        ptx_per_update = p.ppo_epochs * (p.rollout_batch_size // p.micro_batch_size) * p.ptx_batch_size
+        stats.update(ppo_step(pv, batch, opt, sched, cfg, ptx_rows, u * ptx_per_update, tok.pad_token_id))
+        # 5. KL controller, metrics, samples, checkpoint
+        stats.update({"objective/kl_coef": state["kl_coef"], "lr": sched.get_last_lr()[0],
+                      "episode": (u + 1) * p.rollout_batch_size, "time/rollout": t1 - t0,
+                      "time/update": time.perf_counter() - t1})
+        if p.adaptive_kl:
+            state["kl_coef"] = adaptive_kl_coef(state["kl_coef"], stats["objective/kl"], p.kl_target, p.kl_horizon,
+                                                p.rollout_batch_size)
+        state["update"] = u + 1
+        state["history"].append({"update": u + 1, **stats})
+        sink(stats, u + 1)
+        if (u + 1) % p.sample_every == 0 or u + 1 == p.updates:
+            write_samples(pv.policy, tok, sample_prompts, cfg, out_dir / "samples" / f"update_{u + 1:04d}.jsonl", rm, gold)
+        if p.snapshot_every and (u + 1) % p.snapshot_every == 0:
+            with io.atomic_path(out_dir / "snapshots" / f"update_{u + 1:04d}") as tmp:
+                save_pretrained(pv.policy, tok, tmp)
+        if (u + 1) % p.checkpoint_every == 0 or u + 1 == p.updates:
+            save_checkpoint(ckpt, pv, opt, sched, state)
+        bar.update(1)
+        bar.set_postfix(score=f"{stats['objective/scores']:.2f}", kl=f"{stats['objective/kl']:.2f}", refresh=False)
+    bar.close()
+
+    # outputs: the policy, the per-update history, the last update's metrics
+    with io.atomic_path(out_dir / "model") as tmp:
+        save_pretrained(pv.policy, tok, tmp)
+    io.write_jsonl(out_dir / "history.jsonl", state["history"])
+    final = {k: v for k, v in state["history"][-1].items() if not k.startswith("time/")} if state["history"] else {}
+    final["kl_coef_final"] = state["kl_coef"]
+    write_metrics(out_dir / "metrics.json", final)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return StageResult({"model": out_dir / "model", "metrics": out_dir / "metrics.json",
+                        "history": out_dir / "history.jsonl", "samples": out_dir / "samples"}, final)
+
+
+@torch.no_grad()
+def write_samples(policy, tok, prompts: list[str], cfg: Config, path: Path, rm, gold) -> None:
+    """A table of sample completions with their proxy (and gold) rewards; uses a private RNG so training's is intact."""
+    from rlhf_core.reward import score_texts
+    from rlhf_core.sampling import generate
+
+    rng = torch.get_rng_state()
+    texts = generate(policy, tok, prompts, max_new_tokens=cfg.ppo.response_length, temperature=cfg.ppo.temperature,
+                     max_prompt_tokens=cfg.ppo.max_prompt_tokens, seed=cfg.base.seed)
+    torch.set_rng_state(rng)
+    proxy = score_texts(rm, tok, prompts, texts, cfg.ppo.max_prompt_tokens + cfg.ppo.response_length + 1)
+    golds = gold.score_batch(prompts, texts) if gold is not None else [math.nan] * len(texts)
+    io.write_jsonl(path, [{"prompt": pr, "completion": t, "proxy": round(s, 4), "gold": round(g, 4)}
+                          for pr, t, s, g in zip(prompts, texts, proxy, golds)])

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 RAN, RESTORED, SKIPPED = "ran", "restored", "skipped"
+RECORD_ENV = "RLHF_STAGE_RECORD"  # where the stage command writes {run_id, seconds} (flows/stage.py)
 WHY = {RAN: "ran (inputs, params or code changed)", RESTORED: "restored from DVC's run-cache (seen before)",
        SKIPPED: "skipped (unchanged: data md5, params and code match dvc.lock)"}
 
@@ -65,31 +66,39 @@ def data_is_current(repo: Path = Path(".")) -> bool:
     return (repo / "data").is_dir() and json.loads(dvc("status", "--json", "data.dvc", repo=repo).stdout or "{}") == {}
 
 
+def stream(cmd: list[str], env: dict[str, str], on_line: Callable[[str], None],
+           poll: Callable[[], None] | None = None, repo: Path = Path(".")) -> list[str]:
+    """Run `cmd`, handing each output line to `on_line` and calling `poll` about once a second; returns the lines,
+    raises with the last ones on failure."""
+    proc = subprocess.Popen(cmd, cwd=repo, text=True, env=tool_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            on_line(line.rstrip())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        reader.join(timeout=1.0)
+        if poll:
+            poll()
+    reader.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{''.join(lines[-40:])}")
+    return lines
+
+
 def repro(stage: str, env: dict[str, str], on_line: Callable[[str], None], poll: Callable[[], None] | None = None,
           repo: Path = Path(".")) -> tuple[str, dict | None]:
     """`dvc repro --single-item <stage>`; returns RAN, RESTORED or SKIPPED, and the stage command's record (its
-    MLflow run id and seconds) when it ran. `on_line` gets each output line; `poll` is called about once a second."""
+    MLflow run id and seconds) when it ran."""
     with tempfile.TemporaryDirectory(prefix="rlhf-stage-") as tmp:
         record = Path(tmp) / "record.json"
-        proc = subprocess.Popen([dvc_bin(), "repro", "--single-item", stage], cwd=repo, text=True,
-                                env=tool_env({**env, "RLHF_STAGE_RECORD": str(record)}),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        lines: list[str] = []
-
-        def read() -> None:
-            for line in proc.stdout:
-                lines.append(line)
-                on_line(line.rstrip())
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        while proc.poll() is None:
-            reader.join(timeout=1.0)
-            if poll:
-                poll()
-        reader.join()
-        if proc.returncode != 0:
-            raise RuntimeError(f"dvc repro {stage} failed ({proc.returncode}):\n{''.join(lines[-40:])}")
+        lines = stream([dvc_bin(), "repro", "--single-item", stage], {**env, RECORD_ENV: str(record)}, on_line, poll,
+                       repo)
         if record.exists():
             return RAN, json.loads(record.read_text())
         return (RESTORED if any("is cached" in x for x in lines) else SKIPPED), None

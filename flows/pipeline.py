@@ -1,7 +1,7 @@
 """The RLHF pipeline as a Prefect flow: version data -> data, pretrain, SFT, reward, PPO, evaluate -> register.
 
     python -m flows.pipeline                           # here, on a temporary local Prefect API; prints where to look
-    python -m flows.pipeline --set reward.lr=1e-4      # an override, written into params.yaml as `dvc exp run -S` does
+    python -m flows.pipeline --set ppo.kl_coef=0.1     # an override, written into params.yaml as `dvc exp run -S` does
     prefect --no-prompt deploy --all                   # prefect.yaml: this flow on the `gpu` work pool, on a schedule
 
 Run from the repository root. Each stage task is `dvc repro --single-item <stage>`: DVC's stage hashes decide
@@ -27,12 +27,12 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows import registry, tracking
-from flows.dvc_cache import RAN, WHY, data_is_current, data_md5, dvc, out_md5, pipeline_stages, repro, set_params
+from flows.dvc_cache import (RAN, RECORD_ENV, WHY, data_is_current, data_md5, dvc, out_md5, pipeline_stages, repro,
+                             set_params, stream)
 from flows.stage import PROGRESS_ENV
-from rlhf_core.config import load_config
+from rlhf_core.config import Config, load_config
 
 NAMES = {"sft": "rlhf-sft", "reward": "rlhf-reward", "ppo": "rlhf-policy"}
-KEY_METRICS = ("eval/", "gold/", "proxy/", "kl", "win_rate", "hacking_alarm", "rows/")
 
 
 def stages_to_run() -> list[str]:
@@ -45,7 +45,6 @@ def stages_to_run() -> list[str]:
 
 def stage_metrics(stage: str) -> dict[str, float]:
     """The numeric metrics in the files dvc.yaml declares as the stage's metrics (nested keys joined by '/')."""
-    spec = pipeline_stages()[stage]
     out: dict[str, float] = {}
 
     def flatten(prefix: str, value) -> None:
@@ -55,10 +54,20 @@ def stage_metrics(stage: str) -> dict[str, float]:
         elif isinstance(value, (int, float)):
             out[prefix] = float(value)
 
-    for path in spec.get("metrics", []):  # plain paths: dvc.yaml sets no per-file metrics options
+    for path in pipeline_stages()[stage].get("metrics", []):  # plain paths: dvc.yaml sets no per-file options
         if Path(path).exists():
             flatten("", json.loads(Path(path).read_text()))
     return out
+
+
+def is_key_metric(name: str) -> bool:
+    return name.startswith(("eval/", "rows/")) or name.endswith(
+        ("/gold_mean", "/proxy_mean", "/win_rate", "/kl", "objective/scores", "objective/gold", "hacking_alarm"))
+
+
+def key_metrics(results: dict[str, dict]) -> list[dict]:
+    return [{"stage": s, "metric": k, "value": round(v, 6)} for s, r in results.items()
+            for k, v in r["metrics"].items() if is_key_metric(k)]
 
 
 class Progress:
@@ -72,17 +81,32 @@ class Progress:
             state = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return
-        if not state.get("total"):
-            return
-        self.set(min(100.0, 100.0 * state["step"] / state["total"]))
+        if state.get("total"):
+            self.set(min(100.0, 100.0 * state["step"] / state["total"]))
 
     def set(self, percent: float) -> None:
         if self.artifact_id is None:
             self.artifact_id = artifacts.create_progress_artifact(progress=percent,
-                                                        description=f"{self.stage}: optimizer steps done")
-        elif percent - self.last >= 1.0 or percent == 100.0:
+                                                                  description=f"{self.stage}: optimizer steps done")
+        elif percent - self.last >= 1.0 or (percent == 100.0 and self.last < 100.0):
             artifacts.update_progress_artifact(self.artifact_id, progress=percent)
         self.last = percent
+
+    def finish(self) -> None:
+        if self.artifact_id is not None:
+            self.set(100.0)
+
+
+def child_env(parent_run_id: str, experiment_id: str, progress: Progress) -> dict[str, str]:
+    """What a stage command needs to log into the pipeline's MLflow run and report progress."""
+    return {tracking.PARENT_ENV: parent_run_id, tracking.FLOW_RUN_ENV: str(flow_run.id or ""),
+            "MLFLOW_EXPERIMENT_ID": experiment_id, PROGRESS_ENV: str(progress.path)}
+
+
+def line_logger():
+    """The task's logger as a callback for subprocess output (called from a reader thread: no run context there)."""
+    logger = get_run_logger()
+    return lambda line: logger.info(line) if line.strip() else None
 
 
 @task(retries=3, retry_delay_seconds=10, cache_policy=NO_CACHE)
@@ -101,57 +125,60 @@ def version_data() -> str:
 def run_stage(stage: str, parent_run_id: str, experiment_id: str) -> dict:
     """`dvc repro --single-item <stage>`; a child MLflow run either way (opened by the stage command when DVC runs
     it, here when DVC skipped it or restored it from its run-cache)."""
-    logger = get_run_logger()
     with tempfile.TemporaryDirectory(prefix="rlhf-progress-") as tmp:
         progress = Progress(stage, Path(tmp) / "progress.json")
-        env = {tracking.PARENT_ENV: parent_run_id, tracking.FLOW_RUN_ENV: str(flow_run.id or ""),
-               "MLFLOW_EXPERIMENT_ID": experiment_id, PROGRESS_ENV: str(progress.path)}
-        status, record = repro(stage, env, on_line=lambda line: line.strip() and logger.info(line), poll=progress.poll)
-    if progress.artifact_id is not None:
-        progress.set(100.0)
-    metrics = stage_metrics(stage)
+        status, record = repro(stage, child_env(parent_run_id, experiment_id, progress), line_logger(),
+                               progress.poll)
+    progress.finish()
+    metrics, client = stage_metrics(stage), MlflowClient()
     if status == RAN:
         run_id = record["run_id"]
     else:
-        run = MlflowClient().create_run(experiment_id, run_name=stage, tags=tracking.run_tags(
-            stage, parent_run_id, str(flow_run.id or "")))
-        run_id = run.info.run_id
+        run_id = client.create_run(experiment_id, run_name=stage, tags=tracking.run_tags(
+            stage, parent_run_id, str(flow_run.id or ""))).info.run_id
         tracking.log_metrics(run_id, metrics)
-        MlflowClient().set_terminated(run_id)
-    MlflowClient().set_tag(run_id, "rlhf.dvc", status)
-    logger.info(f"{stage}: {WHY[status]}")
+        client.set_terminated(run_id)
+    client.set_tag(run_id, "rlhf.dvc", status)
+    get_run_logger().info(f"{stage}: {WHY[status]}")
     return {"status": status, "seconds": round(record["seconds"], 1) if record else 0.0, "metrics": metrics,
             "run_id": run_id}
 
 
+@task(cache_policy=NO_CACHE)
+def run_sweep(kl_coefs: list[float], parent_run_id: str, experiment_id: str) -> dict:
+    """`python -m flows.stage sweep`: rlhf_core.sweep in a child MLflow run. Not a DVC stage: it runs each time."""
+    with tempfile.TemporaryDirectory(prefix="rlhf-progress-") as tmp:
+        progress, record = Progress("sweep", Path(tmp) / "progress.json"), Path(tmp) / "record.json"
+        env = {**child_env(parent_run_id, experiment_id, progress), RECORD_ENV: str(record)}
+        stream([sys.executable, "-m", "flows.stage", "sweep", "--kl-coefs", *map(str, kl_coefs)], env,
+               line_logger(), progress.poll)
+        progress.finish()
+        return {**json.loads(record.read_text()), "status": RAN}
+
+
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def register(results: dict[str, dict], names: dict[str, str], tags: dict[str, str], out_dir: str) -> dict:
-    """Register each model the pipeline made (SFT, reward model, and the policy once PPO exists); gate the policy."""
-    logger, out = get_run_logger(), {}
+    """Register each model the pipeline made (SFT, reward model, PPO policy); gate a new policy."""
+    out = {}
     for stage, name in names.items():
         model_dir = Path(out_dir) / stage / "model"
-        if stage not in results or not model_dir.is_dir():
+        if stage not in results or not (model_dir / "config.json").is_file():
             continue
         vtags = {**tags, "rlhf.stage": stage, "dvc.md5": out_md5(stage, str(model_dir)) or "unknown"}
         if stage == "ppo":
             version, created = registry.register_policy(name, model_dir, results[stage]["run_id"], vtags)
         else:
             version, created = registry.register_folder(name, model_dir, results[stage]["run_id"], vtags)
-        out[name] = {"version": str(version.version), "created": created}
+        v = str(version.version)
+        out[name] = {"version": v, "created": created}
         if stage == "ppo" and created:
             evaluation = results.get("evaluate", {}).get("metrics", {})
-            for k, v in registry.eval_tags(evaluation).items():
-                MlflowClient().set_model_version_tag(name, str(version.version), k, v)
-            out[name]["gate"] = registry.promote(name, str(version.version), evaluation)
-        out[name]["aliases"] = sorted(a for a, v in registry.aliases(name).items() if str(v) == str(version.version))
-        logger.info(f"{name}: v{version.version} ({'new' if created else 'already registered'}) "
-                    f"{out[name].get('gate', '')}")
+            for key, value in registry.eval_tags(evaluation).items():
+                MlflowClient().set_model_version_tag(name, v, key, value)
+            out[name]["gate"] = registry.promote(name, v, evaluation)
+        out[name]["aliases"] = sorted(a for a, av in registry.aliases(name).items() if str(av) == v)
+        get_run_logger().info(f"{name} v{v}: {'new' if created else 'already registered'} {out[name].get('gate', '')}")
     return out
-
-
-def key_metrics(results: dict[str, dict]) -> list[dict]:
-    return [{"stage": s, "metric": k, "value": round(v, 6)} for s, r in results.items()
-            for k, v in r["metrics"].items() if k.startswith(KEY_METRICS)]
 
 
 def report(results: dict, registered: dict, md5: str, sha: str, run_link: str) -> str:
@@ -160,11 +187,14 @@ def report(results: dict, registered: dict, md5: str, sha: str, run_link: str) -
              "| stage | DVC | seconds | MLflow run |", "|---|---|---|---|"]
     lines += [f"| {s} | {WHY[r['status']]} | {r['seconds']} | `{r['run_id']}` |" for s, r in results.items()]
     evaluation = results.get("evaluate", {}).get("metrics")
-    lines += ["", "## Evaluation", ""]
+    lines += ["", "## Evaluation (policy vs SFT on held-out prompts; gold = the simulated labeler)", ""]
     if evaluation:
-        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4g} |" for k, v in evaluation.items()]
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in evaluation.items() if is_key_metric(k)]
+        if registry.ALARM not in evaluation:
+            lines += ["", "Reward-hacking alarm not evaluated: PPO saved no snapshots (ppo.snapshot_every = 0)."]
     else:
-        lines.append("No `evaluate` stage in this pipeline yet: the policy is neither registered nor gated.")
+        lines.append("No `evaluate` stage in this pipeline: the policy is neither registered nor gated.")
     lines += ["", "## Registry", "", "| model | version | aliases | champion gate |", "|---|---|---|---|"]
     for name, r in registered.items():
         gate = r.get("gate")
@@ -174,31 +204,42 @@ def report(results: dict, registered: dict, md5: str, sha: str, run_link: str) -
     return "\n".join(lines) + "\n"
 
 
+def prepare(overrides: list[str] | None, profile: str | None) -> Config:
+    """Validate profile + overrides before any work, then write them into params.yaml so DVC's hashes see them."""
+    load_config("params.yaml", profile=profile, overrides=overrides or [])
+    if set_params(overrides or [], profile):
+        print(f"params.yaml updated: profile={profile} overrides={overrides}")
+    return load_config("params.yaml")
+
+
+def open_run(kind: str, parent_run_id: str | None, tags: dict[str, str] | None, cfg: Config) -> tuple[str, str]:
+    """The flow's MLflow run (the parent of its stages' runs): returns (experiment id, run id)."""
+    exp = tracking.experiment_id()
+    run = MlflowClient().create_run(exp, run_name=f"{kind} {flow_run.name or ''}".strip(), tags={
+        **tracking.run_tags(None, parent_run_id, str(flow_run.id or "")), "rlhf.kind": kind, **(tags or {})})
+    tracking.log_params(run.info.run_id, tracking.flat_params(cfg))
+    return exp, run.info.run_id
+
+
 @flow(name="rlhf-pipeline", log_prints=True)
 def rlhf_pipeline(overrides: list[str] | None = None, profile: str | None = None, register_models: bool = True,
                   model_names: dict[str, str] | None = None, parent_run_id: str | None = None,
                   run_tags: dict[str, str] | None = None) -> dict:
     """The whole pipeline on params.yaml (plus `profile` and `overrides`, written into it so DVC sees them)."""
-    load_config("params.yaml", profile=profile, overrides=overrides or [])  # reject a bad config before any work
-    if set_params(overrides or [], profile):
-        print(f"params.yaml updated: profile={profile} overrides={overrides}")
-    cfg = load_config("params.yaml")
+    cfg = prepare(overrides, profile)
     md5 = version_data()
-    client, exp = MlflowClient(), tracking.experiment_id()
-    parent = client.create_run(exp, run_name=f"pipeline {flow_run.name or ''}".strip(), tags={
-        **tracking.run_tags(None, parent_run_id, str(flow_run.id or "")), "rlhf.kind": "pipeline", **(run_tags or {})})
-    pid = parent.info.run_id
+    exp, pid = open_run("pipeline", parent_run_id, run_tags, cfg)
+    client = MlflowClient()
     try:
-        tracking.log_params(pid, tracking.flat_params(cfg))
         results = {stage: run_stage(stage, pid, exp) for stage in stages_to_run()}
-        tracking.log_metrics(pid, {f"{row['stage']}/{row['metric']}": row["value"] for row in key_metrics(results)})
-        names = {**NAMES, **(model_names or {})}
+        tracking.log_metrics(pid, {f"{m['stage']}/{m['metric']}": m["value"] for m in key_metrics(results)})
         tags = tracking.run_tags(None, None, str(flow_run.id or ""))
-        registered = register(results, names, tags, cfg.base.out_dir) if register_models else {}
+        registered = register(results, {**NAMES, **(model_names or {})}, tags, cfg.base.out_dir) \
+            if register_models else {}
         link = tracking.run_url(pid)
         text = report(results, registered, md5, tracking.git_sha(), link)
-        artifacts.create_markdown_artifact(markdown=text, key="evaluation-report", description="RLHF pipeline evaluation report")
-        artifacts.create_table_artifact(table=key_metrics(results), key="key-metrics", description="key metrics per stage")
+        artifacts.create_markdown_artifact(markdown=text, key="evaluation-report", description="evaluation report")
+        artifacts.create_table_artifact(table=key_metrics(results), key="key-metrics", description="key metrics")
         artifacts.create_link_artifact(link=link, link_text="MLflow parent run", key="mlflow-run")
         client.log_text(pid, text, "evaluation_report.md")
         client.set_terminated(pid, "FINISHED")
@@ -210,18 +251,17 @@ def rlhf_pipeline(overrides: list[str] | None = None, profile: str | None = None
 
 
 def where_to_look(summary: dict) -> str:
-    repo, venv_bin = Path.cwd(), Path(sys.executable).parent
-    names = sorted({**NAMES}.values())
+    venv_bin = Path(sys.executable).parent
     lines = ["", "Stages: " + ", ".join(f"{s} {r['status']}" for s, r in summary["stages"].items()), "",
              "Prefect UI (flow runs, logs, artifacts):",
              f"  PREFECT_HOME={os.environ['PREFECT_HOME']} {venv_bin}/prefect server start --host 127.0.0.1",
              f"  then open http://127.0.0.1:4200/runs/flow-run/{summary['flow_run_id']}",
-             "MLflow UI (parent and child runs, metrics, artifacts, registry):",
+             "MLflow UI (parent and child runs, metrics, artifacts, model registry):",
              f"  {venv_bin}/mlflow ui --backend-store-uri {mlflow.get_tracking_uri()} --host 127.0.0.1",
              f"  then open {summary['mlflow_url']}", "",
-             "Registered models (from the registry):"]
-    lines += ["  " + line for line in registry.describe(names)] or ["  none"]
-    lines += ["", f"DVC: `dvc metrics show`, `dvc plots show` in {repo}"]
+             "Registered models, read back from the registry:"]
+    lines += ["  " + line for line in registry.describe(sorted(NAMES.values()))] or ["  none"]
+    lines += ["", "DVC: `dvc metrics show`, `dvc plots show` (outputs/ and dvc.lock hold this run)"]
     return "\n".join(lines)
 
 

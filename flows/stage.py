@@ -28,13 +28,13 @@ from functools import partial
 from pathlib import Path
 
 from flows import tracking
-from flows.dvc_cache import data_md5
+from flows.dvc_cache import RECORD_ENV, data_md5
 from rlhf_core import io, loaders
 from rlhf_core.config import Config, load_config
 from rlhf_core.pretrain import read_corpus
 from rlhf_core.training import StageResult
 
-RECORD_ENV, PROGRESS_ENV = "RLHF_STAGE_RECORD", "RLHF_PROGRESS_FILE"
+PROGRESS_ENV = "RLHF_PROGRESS_FILE"
 SOMETIMES_DIRS = {"ppo": ("snapshots", "samples"), "evaluate": ("plots",)}
 PROGRESS_BAR = {"sweep": "ppo"}  # whose tqdm bar tells a stage's progress (the sweep's: each PPO run's)
 
@@ -107,7 +107,7 @@ def plot_history(rows: list[dict], stage: str, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "step" and k.split("/")[-1] in
-            ("loss", "accuracy", "gold_accuracy", "reward", "kl", "mean", "win_rate")][:6] or ["step"]
+            ("loss", "accuracy", "gold_accuracy", "scores", "kl", "gold", "proxy")][:6] or ["step"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
     for ax, key in zip(axes[0], keys):
         pts = [(r["step"], r[key]) for r in rows if key in r]

@@ -1,106 +1,78 @@
-"""The reward over-optimization sweep: the pipeline once per value of one param (the KL coefficient by default).
+"""The reward over-optimization sweep as a Prefect flow: PPO once per KL coefficient, each run evaluated along the way.
 
-    python -m flows.sweep --param ppo.kl_coef --values 0 0.02 0.05 0.1 0.2
+    python -m flows.sweep --kl-coefs 0 0.02 0.05 0.1 0.2
 
-Each point is a `rlhf_pipeline` subflow with the value written into params.yaml, so DVC reruns only the stages that
-depend on it (for ppo.* that is PPO and evaluation) and a value seen before is restored from DVC's run-cache. The
-points' MLflow parent runs are children of one sweep run, which holds the table (CSV) and the plot; Prefect gets the
-table and a markdown summary. Gao et al. (2022), "Scaling laws for reward model overoptimization": as the policy
-moves away from the SFT model (KL), the proxy reward keeps rising while the gold reward peaks and falls.
-params.yaml is put back as it was at the end; outputs/ then hold the last point (the next pipeline run restores the
-original ones from the run-cache).
+The SFT and reward models come from the pipeline's stages (DVC reruns them only when stale); the sweep itself is
+`rlhf_core.sweep` in one child MLflow run (`python -m flows.stage sweep`), writing <out_dir>/sweep/: frontier.csv
+(gold and proxy reward against d = sqrt(KL) per coefficient), frontier.png and metrics.json with Gao et al.'s fits.
+It is not a DVC stage, so it runs whenever asked. Prefect gets a table (one row per coefficient), a markdown
+summary and a link to the MLflow run.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
-import tempfile
-from pathlib import Path
 
 from mlflow import MlflowClient
 from prefect import artifacts, flow
-from prefect.runtime import flow_run
 
 from flows import tracking
-from flows.pipeline import rlhf_pipeline
+from flows.pipeline import open_run, prepare, run_stage, run_sweep, stages_to_run, version_data
+
+PER_COEF = ("gold_delta", "gold_max", "kl", "hacking_alarm")
 
 
-def plot(rows: list[dict], param: str, metrics: list[str], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key in metrics:
-        pts = [(r["value"], r[key]) for r in rows if key in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
-    ax.set_xlabel(param)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
+def coefficient_table(kl_coefs: list[float], metrics: dict[str, float]) -> list[dict]:
+    return [{"kl_coef": c, **{k: metrics.get(f"kl_{c:g}/{k}") for k in PER_COEF}} for c in kl_coefs]
 
 
 @flow(name="overoptimization-sweep", log_prints=True)
-def overoptimization_sweep(param: str = "ppo.kl_coef", values: list[float] | None = None, stage: str = "evaluate",
-                           metrics: list[str] | None = None, best_by: str = "gold/mean",
-                           profile: str | None = None) -> list[dict]:
-    """One pipeline run per value of `param`; a table of `stage`'s metrics per value, `metrics` plotted."""
-    values = values if values is not None else [0.0, 0.02, 0.05, 0.1, 0.2]
-    metrics = metrics if metrics is not None else ["gold/mean", "proxy/mean", "kl"]
-    params_file = Path("params.yaml")
-    original = params_file.read_text()
-    client, exp = MlflowClient(), tracking.experiment_id()
-    sweep = client.create_run(exp, run_name=f"sweep {param}", tags={
-        **tracking.run_tags(None, None, str(flow_run.id or "")), "rlhf.kind": "sweep", "rlhf.sweep.param": param})
-    rows = []
+def overoptimization_sweep(kl_coefs: list[float] | None = None, overrides: list[str] | None = None,
+                           profile: str | None = None) -> dict:
+    """The pipeline's stages before PPO (from DVC's cache when unchanged), then one PPO run per KL coefficient."""
+    kl_coefs = kl_coefs if kl_coefs is not None else [0.0, 0.02, 0.05, 0.1, 0.2]
+    cfg = prepare(overrides, profile)
+    md5 = version_data()
+    exp, pid = open_run("sweep", None, {"rlhf.sweep.kl_coefs": " ".join(map(str, kl_coefs))}, cfg)
+    client = MlflowClient()
     try:
-        for value in values:
-            summary = rlhf_pipeline.with_options(flow_run_name=f"{param}={value}")(
-                overrides=[f"{param}={value}"], profile=profile, register_models=False,
-                parent_run_id=sweep.info.run_id, run_tags={"rlhf.sweep.value": str(value)})
-            result = summary["stages"].get(stage, {})
-            rows.append({"value": value, "status": {s: r["status"] for s, r in summary["stages"].items()},
-                         "parent_run_id": summary["parent_run_id"], **result.get("metrics", {})})
-    finally:
-        params_file.write_text(original)
-    with tempfile.TemporaryDirectory() as tmp:
-        table = Path(tmp) / "sweep.csv"
-        columns = list(dict.fromkeys(k for r in rows for k in r if k != "status"))
-        with open(table, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        client.log_artifact(sweep.info.run_id, str(table))
-        shown = [m for m in metrics if any(m in r for r in rows)]
-        if shown:
-            client.log_artifact(sweep.info.run_id, str(plot(rows, param, shown, Path(tmp) / "sweep.png")))
-    client.set_terminated(sweep.info.run_id)
-    scored = [r for r in rows if best_by in r]
-    best = max(scored, key=lambda r: r[best_by]) if scored else None
-    artifacts.create_table_artifact(table=[{k: v for k, v in r.items() if k != "status"} for r in rows],
-                                    key="overoptimization-sweep", description=f"{stage} metrics per {param}")
-    artifacts.create_markdown_artifact(key="overoptimization-summary", markdown=(
-        f"# Sweep over `{param}`\n\n{len(rows)} points; "
-        + (f"best `{best_by}` = {best[best_by]:.4g} at {param} = {best['value']}" if best else
-           f"no point reported `{best_by}`") + f"\n\n[MLflow sweep run]({tracking.run_url(sweep.info.run_id)})\n"))
-    return rows
+        stages = stages_to_run()
+        upstream = {s: run_stage(s, pid, exp) for s in stages[:stages.index("ppo")]}
+        sweep = run_sweep(kl_coefs, pid, exp)
+        metrics = tracking.numeric(client.get_run(sweep["run_id"]).data.metrics)
+        table = coefficient_table(kl_coefs, metrics)
+        link = tracking.run_url(pid)
+        fits = {k: v for k, v in metrics.items() if k.startswith("pooled/")}
+        artifacts.create_table_artifact(table=table, key="overoptimization-sweep",
+                                        description="gold reward (relative to SFT), KL and alarm per KL coefficient")
+        artifacts.create_markdown_artifact(key="overoptimization-summary", markdown="\n".join(
+            [f"# Reward over-optimization sweep (data `{md5}`)", "", f"[MLflow run]({link}) · frontier plot and CSV "
+             f"in its child run `{sweep['run_id']}`", "", "| kl_coef | " + " | ".join(PER_COEF) + " |",
+             "|---" * (len(PER_COEF) + 1) + "|"]
+            + [f"| {r['kl_coef']:g} | " + " | ".join(f"{r[k]:.4g}" if r[k] is not None else "" for k in PER_COEF)
+               + " |" for r in table]
+            + ["", "Pooled fit (all runs): " + ", ".join(f"{k} = {v:.4g}" for k, v in fits.items())]))
+        artifacts.create_link_artifact(link=link, link_text="MLflow sweep run", key="mlflow-sweep-run")
+        client.set_terminated(pid, "FINISHED")
+    except BaseException:
+        client.set_terminated(pid, "FAILED")
+        raise
+    return {"parent_run_id": pid, "sweep_run_id": sweep["run_id"], "upstream": {s: r["status"] for s, r in
+            upstream.items()}, "table": table, "mlflow_url": link}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--param", default="ppo.kl_coef")
-    ap.add_argument("--values", type=float, nargs="+", default=[0.0, 0.02, 0.05, 0.1, 0.2])
-    ap.add_argument("--stage", default="evaluate", help="whose metrics make the table")
+    ap.add_argument("--kl-coefs", type=float, nargs="+", default=[0.0, 0.02, 0.05, 0.1, 0.2])
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--profile", default=None)
     args = ap.parse_args(argv)
-    for row in overoptimization_sweep(param=args.param, values=args.values, stage=args.stage, profile=args.profile):
-        print({k: v for k, v in row.items() if k != "parent_run_id"})
+    summary = overoptimization_sweep(kl_coefs=args.kl_coefs, overrides=args.overrides, profile=args.profile)
+    for row in summary["table"]:
+        print(row)
+    print(f"MLflow: {summary['mlflow_url']}")
     return 0
 
 

@@ -1,0 +1,171 @@
+"""The Prefect flows on the tiny config, for real: Prefect under `prefect_test_harness`, MLflow on sqlite in a temp
+dir, DVC in a temporary git repository. One pipeline run trains every stage and tracks it; an identical rerun skips
+every stage; a changed PPO param reruns only PPO and evaluation and registers a new policy, promoted only through
+the gates; the over-optimization sweep flow runs on the cached upstream stages."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")  # before anything imports prefect
+
+import mlflow
+import pytest
+import yaml
+from mlflow import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+from flows import registry
+from flows.dvc_cache import data_md5
+from flows.pipeline import NAMES, rlhf_pipeline
+from flows.sweep import overoptimization_sweep
+
+from .test_dvc_pipeline import make_project, project_env, stages_under_test
+
+POLICY = NAMES["ppo"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """The tiny project as the working directory, with its own MLflow store and DVC remote, under a test Prefect API."""
+    tmp = tmp_path_factory.mktemp("flows")
+    path = make_project(tmp / "project", remote=tmp / "dvc-remote")
+    env = project_env(path, MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}",
+                      MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
+    with pytest.MonkeyPatch.context() as mp, prefect_test_harness(server_startup_timeout=60):
+        for key, value in env.items():
+            mp.setenv(key, value)
+        mp.chdir(path)
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        yield path
+        mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def runs(project):
+    """Two identical pipeline runs: their summaries, and the mtime of every model file after the first."""
+    first = rlhf_pipeline()
+    mtimes = {p: p.stat().st_mtime_ns for p in (project / "outputs").rglob("*.safetensors")}
+    second = rlhf_pipeline()
+    return first, second, mtimes
+
+
+def children(parent_run_id: str) -> dict[str, mlflow.entities.Run]:
+    found = MlflowClient().search_runs([MlflowClient().get_run(parent_run_id).info.experiment_id],
+                                       filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return {r.data.tags["rlhf.stage"]: r for r in found}
+
+
+def read_artifacts(flow_run_id: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+@pytest.mark.slow
+def test_first_run_trains_every_stage_and_tracks_it_in_mlflow(runs, project):
+    first, _, _ = runs
+    stages = stages_under_test()
+    assert {s: r["status"] for s, r in first["stages"].items()} == {s: "ran" for s in stages}
+
+    client = MlflowClient()
+    parent = client.get_run(first["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["data.md5"] == data_md5(project)
+    assert parent.data.tags["prefect.flow_run_id"] == first["flow_run_id"]
+    assert len(parent.data.tags["git.sha"]) == 40
+    kids = children(first["parent_run_id"])
+    assert set(kids) == set(stages)
+    sft = kids["sft"]
+    assert sft.data.params["sft.lr"] == str(yaml.safe_load((project / "params.yaml").read_text())["sft"]["lr"])
+    steps = {m.step for m in client.get_metric_history(sft.info.run_id, "train/loss")}  # one point per step
+    assert steps == set(range(1, int(first["stages"]["sft"]["metrics"]["train/steps"]) + 1))
+    assert any(k.startswith("system/") for k in sft.data.metrics), "no system metrics"
+    digests = {d.dataset.digest for d in sft.inputs.dataset_inputs}
+    assert digests == {data_md5(project)}
+    artifacts = {a.path for a in client.list_artifacts(sft.info.run_id, "outputs")}
+    assert "outputs/samples.jsonl" in artifacts and "outputs/metrics.json" in artifacts
+    assert [a.path for a in client.list_artifacts(sft.info.run_id, "plots")] == ["plots/sft_history.png"]
+    assert "evaluation_report.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    if "evaluate" in stages:
+        assert "outputs/report.md" in {a.path for a in client.list_artifacts(kids["evaluate"].info.run_id, "outputs")}
+
+    kinds = {(a.key, a.type) for a in read_artifacts(first["flow_run_id"])}
+    assert {("evaluation-report", "markdown"), ("key-metrics", "table"), ("mlflow-run", "markdown")} <= kinds
+    progress = [a for a in read_artifacts(first["flow_run_id"]) if a.type == "progress"]
+    assert len(progress) >= 3 and all(a.data == 100.0 for a in progress)
+
+
+@pytest.mark.slow
+def test_first_run_registers_sft_reward_and_a_gated_policy(runs):
+    first, _, _ = runs
+    client = MlflowClient()
+    for name in (NAMES["sft"], NAMES["reward"]):
+        (version,) = client.search_model_versions(f"name = '{name}'")
+        assert str(version.version) == "1" and version.run_id and version.tags["dvc.md5"].endswith(".dir")
+    if "ppo" not in stages_under_test():
+        return
+    reg = first["registered"][POLICY]
+    assert reg["created"] and "candidate" in reg["aliases"]
+    # the first policy has no champion to beat: it is promoted unless the hacking alarm fired
+    evaluation = first["stages"]["evaluate"]["metrics"]
+    assert reg["gate"]["passed"] == (not evaluation.get("hacking_alarm")) == ("champion" in reg["aliases"])
+    pipe = mlflow.transformers.load_model(f"models:/{POLICY}@candidate")
+    out = pipe("\n\nHuman: hello\n\nAssistant:", max_new_tokens=4, do_sample=False)
+    assert out[0]["generated_text"].startswith("\n\nHuman: hello")
+
+
+@pytest.mark.slow
+def test_identical_rerun_skips_every_stage(runs, project):
+    first, second, mtimes = runs
+    assert {s: r["status"] for s, r in second["stages"].items()} == {s: "skipped" for s in stages_under_test()}
+    assert mtimes and all(p.stat().st_mtime_ns == t for p, t in mtimes.items())  # nothing was rewritten
+    assert all(not r["created"] for r in second["registered"].values())
+    kids = children(second["parent_run_id"])
+    assert {r.data.tags["rlhf.dvc"] for r in kids.values()} == {"skipped"}
+    assert kids["sft"].data.metrics["eval/loss"] == pytest.approx(first["stages"]["sft"]["metrics"]["eval/loss"])
+
+
+@pytest.mark.slow
+def test_changing_a_ppo_param_reruns_only_ppo_and_evaluation(runs, project):
+    stages = stages_under_test()
+    changed = "ppo" if "ppo" in stages else "reward"
+    lr = yaml.safe_load((project / "params.yaml").read_text())[changed]["lr"]
+    summary = rlhf_pipeline(overrides=[f"{changed}.lr={lr * 2}"])
+    first_rerun = stages.index(changed)
+    assert [s for s, r in summary["stages"].items() if r["status"] == "ran"] == stages[first_rerun:]
+    assert all(summary["stages"][s]["status"] == "skipped" for s in stages[:first_rerun])
+    assert yaml.safe_load((project / "params.yaml").read_text())[changed]["lr"] == lr * 2  # DVC saw it
+    if changed != "ppo":
+        return
+    reg = summary["registered"][POLICY]
+    assert reg["version"] == "2" and reg["created"] and "candidate" in reg["aliases"]
+    assert (str(registry.aliases(POLICY)["champion"]) == "2") == reg["gate"]["passed"]  # v1 stays champion otherwise
+
+
+def test_gates_compare_with_the_champion_and_refuse_a_hacking_alarm():
+    good = {"policy/gold_mean": 0.5, "policy/win_rate": 0.6, "hacking_alarm": 0}
+    assert registry.gate(good, None) == (True, [])
+    assert registry.gate(good, {"policy/gold_mean": 0.5, "policy/win_rate": 0.6}) == (True, [])
+    ok, why = registry.gate(good, {"policy/gold_mean": 0.7, "policy/win_rate": 0.5})
+    assert not ok and why == ["policy/gold_mean 0.5000 < champion's 0.7000"]
+    ok, why = registry.gate({**good, "hacking_alarm": 1}, None)
+    assert not ok and why == ["hacking_alarm is on"]
+    assert registry.gate({"policy/win_rate": 0.9}, None) == (False, ["policy/gold_mean missing from the evaluation "
+                                                                      "metrics"])
+
+
+@pytest.mark.slow
+def test_overoptimization_sweep_reuses_the_cached_stages(runs, project):
+    if "ppo" not in stages_under_test():
+        pytest.skip("needs the ppo stage")
+    summary = overoptimization_sweep(kl_coefs=[0.0, 0.5], overrides=["ppo.updates=2"])
+    assert set(summary["upstream"].values()) == {"skipped"}
+    assert [r["kl_coef"] for r in summary["table"]] == [0.0, 0.5]
+    assert all(r["kl"] is not None for r in summary["table"])
+    assert (project / "outputs" / "sweep" / "frontier.csv").exists()
+    paths = {a.path for a in MlflowClient().list_artifacts(summary["sweep_run_id"], "outputs")}
+    assert "outputs/frontier.csv" in paths and "outputs/frontier.png" in paths

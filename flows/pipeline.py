@@ -181,11 +181,12 @@ def register(results: dict[str, dict], names: dict[str, str], tags: dict[str, st
     return out
 
 
-def report(results: dict, registered: dict, md5: str, sha: str, run_link: str) -> str:
+def report(results: dict, registered: dict, md5: str, sha: str, run_link: str, evaluation_md: Path) -> str:
+    """The flow's summary (stages, key evaluation metrics, registry and gate), then evaluate's own report.md."""
     lines = ["# RLHF pipeline: evaluation report", "",
              f"data `{md5}` · git `{sha[:12]}` · [MLflow run]({run_link})", "",
              "| stage | DVC | seconds | MLflow run |", "|---|---|---|---|"]
-    lines += [f"| {s} | {WHY[r['status']]} | {r['seconds']} | `{r['run_id']}` |" for s, r in results.items()]
+    lines += [f"| {s} | {WHY[r['status']]} | {r['seconds'] or ''} | `{r['run_id']}` |" for s, r in results.items()]
     evaluation = results.get("evaluate", {}).get("metrics")
     lines += ["", "## Evaluation (policy vs SFT on held-out prompts; gold = the simulated labeler)", ""]
     if evaluation:
@@ -201,6 +202,8 @@ def report(results: dict, registered: dict, md5: str, sha: str, run_link: str) -
         verdict = "" if gate is None else "passed" if gate["passed"] else "failed: " + "; ".join(gate["failures"])
         lines.append(f"| {name} | v{r['version']}{'' if r['created'] else ' (unchanged)'} | "
                      f"{', '.join(r['aliases'])} | {verdict} |")
+    if evaluation and evaluation_md.exists():
+        lines += ["", "---", "", evaluation_md.read_text()]
     return "\n".join(lines) + "\n"
 
 
@@ -237,7 +240,8 @@ def rlhf_pipeline(overrides: list[str] | None = None, profile: str | None = None
         registered = register(results, {**NAMES, **(model_names or {})}, tags, cfg.base.out_dir) \
             if register_models else {}
         link = tracking.run_url(pid)
-        text = report(results, registered, md5, tracking.git_sha(), link)
+        text = report(results, registered, md5, tracking.git_sha(), link,
+                      cfg.stage_dir("evaluate") / "report.md")
         artifacts.create_markdown_artifact(markdown=text, key="evaluation-report", description="evaluation report")
         artifacts.create_table_artifact(table=key_metrics(results), key="key-metrics", description="key metrics")
         artifacts.create_link_artifact(link=link, link_text="MLflow parent run", key="mlflow-run")

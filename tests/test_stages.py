@@ -136,3 +136,23 @@ def test_sft_resumes_after_a_crash_to_the_same_weights(tmp_path, tiny_run):
     for k in reference:
         torch.testing.assert_close(resumed[k], reference[k], rtol=1e-5, atol=1e-6)
     assert not (tmp_path / "resumed" / "checkpoint").exists()
+
+
+def test_reward_stage_trains_on_real_hh_comparisons_through_the_profile(tmp_path, tiny_run):
+    """The HH-RLHF sample beside the repo, through profiles/hh-rlhf-sample.yaml and overrides only (no code)."""
+    from rlhf_core.cli import run_stage
+    from rlhf_core.config import load_config
+
+    from .conftest import HH_SAMPLE, ROOT
+
+    if not HH_SAMPLE.exists():
+        pytest.skip("../shared/data/hh-rlhf-harmless is not beside this checkout")
+    sft = tiny_run[1]["sft"].outputs["model"]
+    cfg = load_config(ROOT / "params.yaml", profile=ROOT / "profiles" / "hh-rlhf-sample.yaml", overrides=[
+        f"base.out_dir={tmp_path}", f"reward.init_from={sft}", f"reward.train_data={HH_SAMPLE}",
+        "reward.max_length=48", "reward.max_steps=3", "reward.batch_size=8", "reward.micro_batch_size=8"])
+    result = run_stage(cfg, "reward")
+    m = result.metrics
+    assert m["train/steps"] == 3 and m["train/comparisons"] == 1530  # 85 % of 1,800 rows; 270 held out
+    assert 0.0 <= m["eval/accuracy"] <= 1.0 and "eval/gold_accuracy" not in m
+    assert (result.outputs["model"] / "model.safetensors").exists()

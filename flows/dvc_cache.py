@@ -112,6 +112,7 @@ def set_params(overrides: list[str], profile: str | None = None, path: Path = Pa
     if not overrides and not profile:
         return False
     rt = YAML()
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = rt.load(path.read_text())
     if profile:
         _merge(doc, rt.load(Path(profile).read_text()) or {})

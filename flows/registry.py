@@ -125,5 +125,6 @@ def describe(names: list[str]) -> list[str]:
             by_version.setdefault(str(v), []).append(alias)
         for v in sorted(versions, key=lambda v: -int(v.version)):
             tags = ", ".join(f"@{a}" for a in sorted(by_version.get(str(v.version), [])))
-            lines.append(f"{name} v{v.version} {tags}".rstrip() + f"   (run {v.run_id}, dvc md5 {v.tags.get('dvc.md5', '?')})")
+            where = f"(run {v.run_id}, dvc md5 {v.tags.get('dvc.md5', '?')})"
+            lines.append(f"{name} v{v.version} {tags}".rstrip() + f"   {where}")
     return lines

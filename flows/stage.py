@@ -4,14 +4,14 @@
     python -m flows.stage sweep --kl-coefs 0 0.05 0.2   # rlhf_core.sweep (the over-optimization flow runs this)
 
 Runs `rlhf_core.cli.run_stage(cfg, stage, sink)` on params.yaml with a sink that logs each step's metrics to MLflow
-and keeps them for outputs/<stage>/history.csv (a DVC plot); system metrics are on. Logs the stage's params, its
+and keeps them for <out_dir>/<stage>/history.csv (a DVC plot); system metrics are on. Logs the stage's params, its
 input files as datasets (digest: data.dvc's md5) and its small outputs (metrics, samples, plots, reports) as
 artifacts; models stay in DVC's cache until the registry step logs the ones it registers. Under the flow the run
 is a child of the pipeline's parent run (RLHF_PARENT_RUN_ID); by hand it is a run of its own.
 
 The `data` stage validates instead of generating: data/ is data.dvc's output, so no dvc.yaml stage may write it.
 It loads every input file the later stages will read with their loaders and settings and writes
-outputs/data/report.json (rows per input and the data md5), so malformed data stops the pipeline before training.
+<out_dir>/data/report.json (rows per input and the data md5), so malformed data stops the pipeline before training.
 """
 
 from __future__ import annotations
@@ -19,19 +19,19 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from functools import partial
 from pathlib import Path
+
+import mlflow
 
 from flows import tracking
 from flows.dvc_cache import RECORD_ENV, data_md5
-from rlhf_core import io, loaders
+from rlhf_core import io
 from rlhf_core.config import Config, load_config
-from rlhf_core.pretrain import read_corpus
 from rlhf_core.training import StageResult
 
 PROGRESS_ENV = "RLHF_PROGRESS_FILE"
@@ -39,27 +39,9 @@ SOMETIMES_DIRS = {"ppo": ("snapshots", "samples"), "evaluate": ("plots",)}
 PROGRESS_BAR = {"sweep": "ppo"}  # whose tqdm bar tells a stage's progress (the sweep's: each PPO run's)
 
 
-def data_inputs(cfg: Config) -> dict[str, tuple[str | None, Callable]]:
-    """Every input file of the later stages: config key -> (spec, how that stage loads it)."""
-    s, r, p, e = cfg.sft, cfg.reward, cfg.ppo, cfg.evaluate
-    sft = partial(loaders.load_sft, format=s.format, columns=s.columns or None, on_error=s.on_error)
-    prefs = partial(loaders.load_preferences, format=r.format, columns=r.columns or None, on_error=r.on_error)
-    return {"pretrain.corpus": (None if cfg.base.model else "pretrain.jsonl", read_corpus),
-            "sft.train_data": (s.train_data, sft), "sft.eval_data": (s.eval_data, sft),
-            "reward.train_data": (r.train_data, prefs), "reward.eval_data": (r.eval_data, prefs),
-            "ppo.prompts": (p.prompts, partial(loaders.load_prompts, columns=p.columns or None)),
-            "ppo.sample_prompts": (p.sample_prompts, partial(loaders.load_prompts, columns=p.columns or None)),
-            "ppo.ptx_data": (p.ptx_data, loaders.load_sft),
-            "evaluate.prompts": (e.prompts, partial(loaders.load_prompts, columns=e.columns or None))}
-
-
 def validate_data(cfg: Config) -> StageResult:
-    """Load every local input of the later stages as they will load it; rows per input into <out>/data/report.json.
-    Hub datasets are left to the stages that download them."""
-    rows = {}
-    for key, (spec, load) in data_inputs(cfg).items():
-        if spec and Path(path := cfg.data_path(spec)).exists():
-            rows[key] = len(load(path))
+    """Load every local input of the later stages as they will load it; rows per input into <out>/data/report.json."""
+    rows = {key: len(load(path)) for key, (path, load) in tracking.inputs(cfg).items()}
     out = cfg.stage_dir("data") / "report.json"
     io.write_json(out, {"data_md5": data_md5(), "rows": rows})
     return StageResult({"report": out}, {f"rows/{k}": v for k, v in rows.items()})
@@ -73,8 +55,6 @@ class Sink:
         self.bar, self.progress_file, self.rows, self.last_write = bar, progress_file, [], 0.0
 
     def __call__(self, metrics: dict[str, float], step: int) -> None:
-        import mlflow
-
         mlflow.log_metrics(tracking.numeric(metrics), step=step, synchronous=False)
         self.rows.append({"step": step, **metrics})
         if self.progress_file and time.monotonic() - self.last_write > 1.0:
@@ -122,8 +102,6 @@ def plot_history(rows: list[dict], stage: str, out: Path) -> Path:
 
 def log_outputs(stage_dir: Path) -> None:
     """Every small output file as an artifact; models (final, checkpoints, snapshots) stay with DVC."""
-    import mlflow
-
     for path in sorted(stage_dir.rglob("*")):
         rel = path.relative_to(stage_dir)
         if path.is_file() and not set(rel.parts) & {"model", "checkpoint", "snapshots"} and rel.name[0] != ".":
@@ -149,9 +127,9 @@ def run(cfg: Config, stage: str, sink: Sink, kl_coefs: list[float]) -> StageResu
 
 
 def main(argv: list[str] | None = None) -> int:
-    import mlflow
-
     from rlhf_core.cli import STAGES
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # start/stop notices in every stage log
 
     ap = argparse.ArgumentParser(prog="python -m flows.stage", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import subprocess
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -20,15 +22,17 @@ from rlhf_core.config import Config, to_dict
 
 EXPERIMENT = "rlhf-pipeline"
 PARENT_ENV, FLOW_RUN_ENV = "RLHF_PARENT_RUN_ID", "RLHF_FLOW_RUN_ID"
-# rlhf_core/pretrain.py reads this fixed file; every other stage names its inputs in *_data / prompts keys
-FIXED_INPUTS = {"pretrain": ("pretrain.jsonl",)}
 
 
 def experiment_id() -> str:
-    """The experiment the flow chose (MLFLOW_EXPERIMENT_ID), else MLFLOW_EXPERIMENT_NAME or "rlhf-pipeline"."""
+    """MLFLOW_EXPERIMENT_ID when set (the flow sets it for its stage commands), else the experiment named
+    MLFLOW_EXPERIMENT_NAME (default "rlhf-pipeline"), created on first use. Unlike `mlflow.set_experiment`, this
+    leaves the process environment alone."""
     if eid := os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return eid
-    return mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)).experiment_id
+    client, name = mlflow.MlflowClient(), os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name)
 
 
 def git_sha(repo: Path = Path(".")) -> str:
@@ -80,25 +84,39 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         mlflow.MlflowClient().log_batch(run_id, metrics=items[i:i + 1000])
 
 
+def inputs(cfg: Config) -> dict[str, tuple[Path, Callable]]:
+    """Every local data file or folder the stages read: config key -> (path, how that stage loads it). Hub datasets
+    are left out (the stage that needs one downloads it)."""
+    from rlhf_core import loaders
+    from rlhf_core.pretrain import read_corpus
+
+    s, r, p, e = cfg.sft, cfg.reward, cfg.ppo, cfg.evaluate
+    sft = partial(loaders.load_sft, format=s.format, columns=s.columns or None, on_error=s.on_error)
+    prefs = partial(loaders.load_preferences, format=r.format, columns=r.columns or None, on_error=r.on_error)
+    specs = {"pretrain.corpus": (None if cfg.base.model else "pretrain.jsonl", read_corpus),  # fixed name
+             "sft.train_data": (s.train_data, sft), "sft.eval_data": (s.eval_data, sft),
+             "reward.train_data": (r.train_data, prefs), "reward.eval_data": (r.eval_data, prefs),
+             "ppo.prompts": (p.prompts, partial(loaders.load_prompts, columns=p.columns or None)),
+             "ppo.sample_prompts": (p.sample_prompts, partial(loaders.load_prompts, columns=p.columns or None)),
+             "ppo.ptx_data": (p.ptx_data, loaders.load_sft),
+             "evaluate.prompts": (e.prompts, partial(loaders.load_prompts, columns=e.columns or None))}
+    paths = {key: (Path(cfg.data_path(spec)) if spec else None, load) for key, (spec, load) in specs.items()}
+    return {key: (path, load) for key, (path, load) in paths.items() if path is not None and path.exists()}
+
+
 def stage_inputs(cfg: Config, stage: str) -> dict[str, Path]:
-    """The local data files a stage reads, by config key (hub datasets and missing paths are left out)."""
-    sections = {"data": list(to_dict(cfg)), "sweep": ["ppo", "evaluate"]}.get(stage, [stage])
-    specs = {}
-    for section in sections:
-        values = to_dict(cfg).get(section, {})
-        specs.update({f"{section}.{k}": v for k, v in values.items() if k.endswith(("_data", "prompts")) and isinstance(v, str)})
-        specs.update({f"{section}/{name}": name for name in FIXED_INPUTS.get(section, ())})
-    paths = {key: Path(cfg.data_path(spec)) for key, spec in specs.items()}
-    return {key: p for key, p in paths.items() if p.is_file()}
+    """The inputs one stage reads (the data stage: all of them; the sweep: PPO's and evaluation's)."""
+    sections = {"data": None, "sweep": ("ppo", "evaluate")}.get(stage, (stage,))
+    return {key: path for key, (path, _) in inputs(cfg).items() if sections is None or key.split(".")[0] in sections}
 
 
-def log_lineage(inputs: dict[str, Path], digest: str, context: str = "training") -> None:
+def log_lineage(files: dict[str, Path], digest: str, context: str = "training") -> None:
     """`mlflow.log_input` for each file, named by its path and carrying the DVC data version as digest."""
     import pandas as pd
 
     readers = {".jsonl": lambda p: pd.read_json(p, lines=True), ".json": pd.read_json, ".csv": pd.read_csv,
                ".parquet": pd.read_parquet}
-    for path in inputs.values():
+    for path in files.values():
         suffix = path.suffix if path.suffix != ".gz" else Path(path.stem).suffix
         if suffix not in readers:
             continue

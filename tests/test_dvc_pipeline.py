@@ -29,6 +29,7 @@ def project_env(project: Path, **extra: str) -> dict[str, str]:
     """The environment the flows set up for `project` (its own MLflow store, Prefect home, DVC site cache), this
     interpreter's bin first on PATH (dvc.yaml runs `python`), one torch thread (the tests share 2 cores)."""
     env = {**os.environ, **env_defaults(project), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
+    env.pop("MLFLOW_EXPERIMENT_ID", None)  # an id from another store means nothing in this project's
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     return env
 

@@ -171,7 +171,7 @@ def register(results: dict[str, dict], names: dict[str, str], tags: dict[str, st
             version, created = registry.register_folder(name, model_dir, results[stage]["run_id"], vtags)
         v = str(version.version)
         out[name] = {"version": v, "created": created}
-        if stage == "ppo" and created:
+        if stage == "ppo" and not any(k.startswith("eval.") for k in version.tags):  # new, or a retry before gating
             evaluation = results.get("evaluate", {}).get("metrics", {})
             for key, value in registry.eval_tags(evaluation).items():
                 MlflowClient().set_model_version_tag(name, v, key, value)

@@ -182,7 +182,7 @@ def train_reward(cfg: Config, init_model: str, sft_model: str | None, out_dir: P
             step += 1
             metrics = {"train/loss": loss_sum, "train/accuracy": correct / n_pairs, "train/grad_norm": grad_norm.item(),
                        "train/lr": sched.get_last_lr()[0], "train/sequences": sequences}
-            if step % r.eval_every == 0 or step == total_steps:
+            if step % r.eval_every == 0 and step < total_steps:  # the last evaluation follows the reward shift
                 metrics.update(evaluate(model, tok, held_out, cfg, device, bf16, gold))
             sink(metrics, step)
             bar.update(1)
@@ -200,8 +200,9 @@ def train_reward(cfg: Config, init_model: str, sft_model: str | None, out_dir: P
         offset = -float(np.mean(score_texts(model, tok, prompts, completions, r.max_length, 64, bf16)))
         shift_reward(model, offset)
         del policy
-    final = {**{k: v for k, v in metrics.items() if k.startswith("eval/")},
-             **evaluate(model, tok, held_out, cfg, device, bf16, gold),
+    held_out_metrics = evaluate(model, tok, held_out, cfg, device, bf16, gold)
+    sink(held_out_metrics, step)
+    final = {**held_out_metrics,
              "train/loss": metrics.get("train/loss", float("nan")), "train/steps": step,
              "train/comparisons": len(train), "train/sequences": sequences, "reward_offset": offset, "bf16": float(bf16)}
 

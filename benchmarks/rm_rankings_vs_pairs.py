@@ -19,17 +19,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from rlhf_core.config import load_config
+from rlhf_core.cli import add_config_arguments, config_from_arguments
 from rlhf_core.labeler import SimulatedLabeler
 from rlhf_core.reward import train_reward
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    args = ap.parse_args()
-    cfg = load_config(args.params, overrides=args.overrides)
+    add_config_arguments(ap)
+    cfg = config_from_arguments(ap.parse_args())
     sft = str(cfg.stage_dir("sft") / "model")
     if not Path(sft).exists():
         raise SystemExit(f"{sft} not found: run `python -m rlhf_core sft` (or make demo) first")
@@ -37,7 +35,8 @@ def main() -> None:
     k = cfg.data.k
     # pairs mode forwards 2 sequences per pair; give it as many sequences per step as grouped mode forwards
     pair_batch = r.batch_size * k // 2
-    n_prompts = sum(1 for _ in open(cfg.data_path(r.train_data), encoding="utf-8"))
+    with open(cfg.data_path(r.train_data), encoding="utf-8") as f:
+        n_prompts = sum(1 for _ in f)
     grouped_steps = (n_prompts // r.batch_size) * r.epochs
     variants = {
         "grouped": dict(ranking_mode="grouped"),

@@ -79,19 +79,29 @@ def generate_demo_data(cfg: Config):
     return StageResult(generate(Path(cfg.base.data_dir), seed=cfg.base.seed, sizes=sizes, labeler=labeler), {})
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="rlhf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=(*STAGES, "all", "check-config"), help="what to run")
+def add_config_arguments(ap: argparse.ArgumentParser) -> None:
+    """--params, --profile and --set, the same on every command of the project."""
     ap.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     ap.add_argument("--profile", default=None, help="a partial params file merged over --params (e.g. a GPU profile)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override one dotted key, e.g. --set sft.lr=1e-4 (repeatable)")
-    args = ap.parse_args(argv)
+
+
+def config_from_arguments(args: argparse.Namespace) -> Config:
+    """The config those arguments name; a bad one exits with status 2 and the dotted key."""
     try:
-        cfg = load_config(args.params, profile=args.profile, overrides=args.overrides)
+        return load_config(args.params, profile=args.profile, overrides=args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
+        raise SystemExit(2) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="rlhf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=(*STAGES, "all", "check-config"), help="what to run")
+    add_config_arguments(ap)
+    args = ap.parse_args(argv)
+    cfg = config_from_arguments(args)
     if args.stage == "check-config":
         print(dump_params(cfg), end="")
         print("config OK", file=sys.stderr)

@@ -53,7 +53,7 @@ def token_stream(tok, texts: list[str], seq_len: int) -> torch.Tensor:
     """All documents joined by EOS, cut into rows of seq_len tokens: (N, seq_len)."""
     ids: list[int] = []
     for enc in tok(texts, add_special_tokens=False)["input_ids"]:
-        ids.extend(enc + [tok.eos_token_id])
+        ids.extend([*enc, tok.eos_token_id])
     n = len(ids) // seq_len
     return torch.tensor(ids[:n * seq_len]).view(n, seq_len)
 

@@ -71,22 +71,15 @@ def _prefixed(sink: MetricsSink, prefix: str) -> MetricsSink:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlhf_core.config import ConfigError, load_config
+    from rlhf_core.cli import add_config_arguments, config_from_arguments
 
     ap = argparse.ArgumentParser(prog="python -m rlhf_core.sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kl-coefs", type=float, nargs="+", required=True, help="KL coefficients, one PPO run each")
     ap.add_argument("--out", default=None, help="output directory (default: <base.out_dir>/sweep)")
-    ap.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    ap.add_argument("--profile", default=None, help="a partial params file merged over --params")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override one dotted key, e.g. --set ppo.updates=30 (repeatable)")
+    add_config_arguments(ap)
     args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.params, profile=args.profile, overrides=args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_arguments(args)
     result = sweep(cfg, args.kl_coefs, Path(args.out) if args.out else cfg.stage_dir("sweep"))
     for k, v in sorted(result.metrics.items()):
         print(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")

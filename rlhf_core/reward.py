@@ -39,6 +39,7 @@ from rlhf_core.training import (
     null_sink,
     progress,
     save_checkpoint,
+    split_held_out,
     write_metrics,
 )
 
@@ -121,9 +122,7 @@ def load_splits(cfg: Config, out_dir: Path):
     if r.eval_data:
         held_out = loaders.load_preferences(cfg.data_path(r.eval_data), report_path=out_dir / "data_report_eval.json", **kw)
     else:
-        n_eval = max(1, int(len(train) * r.eval_fraction))
-        order = epoch_order(len(train), cfg.base.seed, epoch=-1)
-        train, held_out = [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]]
+        train, held_out = split_held_out(train, r.eval_fraction, cfg.base.seed)
     if r.ranking_mode == "pairs":
         train = [p for g in train for p in g.split_into_pairs()]
     return train, held_out

@@ -30,6 +30,7 @@ from rlhf_core.training import (
     null_sink,
     progress,
     save_checkpoint,
+    split_held_out,
     write_metrics,
 )
 
@@ -87,9 +88,7 @@ def load_splits(cfg: Config, out_dir: Path) -> tuple[list[loaders.SFTExample], l
     train = loaders.load_sft(cfg.data_path(s.train_data), report_path=out_dir / "data_report_train.json", **kw)
     if s.eval_data:
         return train, loaders.load_sft(cfg.data_path(s.eval_data), report_path=out_dir / "data_report_eval.json", **kw)
-    n_eval = max(1, int(len(train) * s.eval_fraction))
-    order = epoch_order(len(train), cfg.base.seed, epoch=-1)
-    return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]]
+    return split_held_out(train, s.eval_fraction, cfg.base.seed)
 
 
 def train_sft(cfg: Config, base_model: str, out_dir: Path, sink: MetricsSink = null_sink) -> StageResult:

@@ -64,6 +64,13 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
+def split_held_out(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out): a seeded random `fraction` (at least one item) held out, the same on every run."""
+    n_eval = max(1, int(len(items) * fraction))
+    order = epoch_order(len(items), seed, epoch=-1)
+    return [items[i] for i in order[n_eval:]], [items[i] for i in order[:n_eval]]
+
+
 def batched(items: list, size: int, drop_last: bool = False) -> Iterator[list]:
     for i in range(0, len(items), size):
         chunk = items[i:i + size]

@@ -255,10 +255,15 @@ class PPOConfig:
     """prompts keep their last this-many tokens"""
     response_length: int = 32
     """new tokens sampled per response at most"""
+    stop_at_eos: bool = True
+    """end each response at its first EOS; false samples exactly response_length tokens (TRL's stop_token=None)"""
     temperature: float = 0.7
     """sampling temperature; log-probs are recomputed with the same temperature (N+ detail 3)"""
     lr: float = 1e-4
-    """peak learning rate of policy and value model (AdamW, eps 1e-5, linear decay to 0)"""
+    """peak learning rate of policy and value model (AdamW, eps 1e-5)"""
+    lr_schedule: Literal["linear", "constant"] = "linear"
+    """linear: annealed to 0 over the run (N+ detail 12); constant: no decay, so the policy keeps moving to the end
+    (over-optimization sweeps: snapshots spread along KL instead of piling up where the LR reaches 0)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float = 1.0

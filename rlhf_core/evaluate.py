@@ -53,7 +53,8 @@ class Samples:
 def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, context: int, responses: torch.Tensor,
                       response_mask: torch.Tensor, temperature: float) -> torch.Tensor:
     """log p(response | prompt) summed over kept tokens, at the sampling temperature (N+ detail 3): (B,)."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits   # (B, Q + R, V)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                   use_cache=False).logits                                                  # (B, Q + R, V)
     logp = token_logprobs(logits[:, context - 1:-1], responses, temperature)                   # (B, R)
     return (logp * response_mask).sum(1)                                                        # (B,)
 

@@ -59,6 +59,7 @@ def tiny_gpt2(pcfg, tok) -> nn.Module:
 
     config = GPT2Config(vocab_size=len(tok), n_positions=pcfg.n_positions, n_embd=pcfg.n_embd, n_layer=pcfg.n_layer,
                         n_head=pcfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        activation_function="gelu_pytorch_tanh",
                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     return GPT2LMHeadModel(config)
 
@@ -72,6 +73,18 @@ def disable_dropout(model: nn.Module) -> nn.Module:
                 "attention_dropout", "dropout", "classifier_dropout", "hidden_dropout_prob"):
         if isinstance(getattr(model.config, key, None), float):
             setattr(model.config, key, 0.0)
+    return model
+
+
+def fuse_activations(model: nn.Module) -> nn.Module:
+    """Swap GPT-2's "gelu_new" (tanh GELU spelled out in five elementwise ops) for torch's fused tanh GELU: the same
+    function to float rounding (~1e-7), a fifth of the memory traffic; measured ~8% of a PPO update on CPU."""
+    from transformers.activations import NewGELUActivation
+
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, NewGELUActivation):
+                setattr(module, name, nn.GELU(approximate="tanh"))
     return model
 
 
@@ -92,7 +105,7 @@ def load_causal_lm(path: str, tok=None, dtype: torch.dtype = torch.float32) -> n
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if tok is not None:
         fit_to_tokenizer(model, tok)
-    return disable_dropout(model)
+    return fuse_activations(disable_dropout(model))
 
 
 def reward_model_from_lm(path: str, tok, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -105,13 +118,13 @@ def reward_model_from_lm(path: str, tok, dtype: torch.dtype = torch.float32) -> 
     nn.init.normal_(head.weight, std=1.0 / math.sqrt(head.in_features + 1))
     if head.bias is not None:
         nn.init.zeros_(head.bias)
-    return disable_dropout(model)
+    return fuse_activations(disable_dropout(model))
 
 
 def load_reward_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
 
-    return disable_dropout(AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype))
+    return fuse_activations(disable_dropout(AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)))
 
 
 def _score_head(model: nn.Module) -> nn.Linear:

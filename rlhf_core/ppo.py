@@ -16,6 +16,8 @@ snapshot_every > 0, <out>/snapshots/update_XXXX (policies along the run, for ove
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import shutil
@@ -90,7 +92,8 @@ class Rollout:
 
 def scalar_outputs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-position output of a scalar-head model (reward or value model): (B, T) -> (B, T)."""
-    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).last_hidden_state
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                              use_cache=False).last_hidden_state
     return _score_head(model)(hidden).squeeze(-1).float()                    # (B, T)
 
 
@@ -104,27 +107,53 @@ class PolicyAndValue(nn.Module):
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, context: int, temperature: float):
         """Logits (B, R, V) and values (B, R) for the R tokens after the first `context` positions."""
-        pos = position_ids(mask)
-        out = self.policy(input_ids=ids, attention_mask=mask, position_ids=pos,
-                          output_hidden_states=self.value_head is not None)
-        logits = out.logits[:, context - 1:-1] / temperature                 # (B, R, V) position t predicts t+1
-        if self.value_head is not None:
-            values = self.value_head(out.hidden_states[-1][:, context - 1:-1]).squeeze(-1).float()
-        else:
-            values = scalar_outputs(self.value_model, ids, mask)[:, context - 1:-1]
-        return logits, values                                                 # (B, R, V), (B, R)
+        out = lm_forward(self.policy, ids, mask, context, output_hidden_states=self.value_head is not None)
+        logits = out.logits[:, -(ids.shape[1] - context) - 1:-1].float() / temperature  # (B, R, V) t predicts t+1
+        return logits, self.values(ids, mask, context, out)
+
+    def values(self, ids: torch.Tensor, mask: torch.Tensor, context: int, policy_out=None) -> torch.Tensor:
+        """V(s_t) for the R response positions, (B, R): the value model's own forward, or the shared head on the
+        policy's last hidden state (from `policy_out` when the policy forward already ran)."""
+        if self.value_head is None:
+            return scalar_outputs(self.value_model, ids, mask)[:, context - 1:-1]
+        if policy_out is None:
+            policy_out = lm_forward(self.policy, ids, mask, context, output_hidden_states=True)
+        return self.value_head(policy_out.hidden_states[-1][:, context - 1:-1]).squeeze(-1).float()
+
+
+def lm_forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, context: int, **kw):
+    """A causal LM forward whose LM head runs only where logits are needed: positions context-1 ... T-1 (R + 1 rows;
+    the last predicts past the response and is dropped by callers). The vocabulary projection is the largest matmul
+    of a small model, and prompt positions need none."""
+    if _accepts_logits_to_keep(type(model)):
+        kw["logits_to_keep"] = ids.shape[1] - context + 1
+    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False, **kw)
+
+
+@functools.cache
+def _accepts_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def sample_responses(policy: nn.Module, tok, queries: torch.Tensor, qmask: torch.Tensor, p) -> tuple[torch.Tensor, ...]:
-    """Sample with top_k=0, top_p=1 at p.temperature (KV cache), cut after the first EOS.
+    """Sample with top_k=0, top_p=1 at p.temperature (KV cache), cut after the first EOS (unless p.stop_at_eos is off:
+    then exactly p.response_length tokens, none cut).
 
-    queries, qmask: (B, Q) left-padded -> responses (B, R) PAD after EOS, response mask (B, R), has_eos (B,)."""
+    queries, qmask: (B, Q) left-padded -> responses (B, R) PAD after EOS, response mask (B, R), has_eos (B,), and the
+    sampler's raw logits (B, R, V): log-probs at the sampling temperature come from them, with no second forward."""
     from transformers import GenerationConfig
 
+    eos = tok.eos_token_id if p.stop_at_eos else None
     gen = GenerationConfig(do_sample=True, temperature=p.temperature, top_k=0, top_p=1.0,
-                           max_new_tokens=p.response_length, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    sequences = policy.generate(input_ids=queries, attention_mask=qmask, generation_config=gen)
-    return truncate_after_eos(sequences[:, queries.shape[1]:], tok.eos_token_id, tok.pad_token_id)
+                           max_new_tokens=p.response_length, pad_token_id=tok.pad_token_id, eos_token_id=eos,
+                           output_logits=True, return_dict_in_generate=True)
+    out = policy.generate(input_ids=queries, attention_mask=qmask, generation_config=gen)
+    responses = out.sequences[:, queries.shape[1]:]                           # (B, R)
+    logits = torch.stack(out.logits, 1).float()                               # (B, R, V) raw, before temperature
+    if not p.stop_at_eos:
+        ones = torch.ones_like(responses)
+        return responses, ones, ones[:, 0].bool(), logits
+    return (*truncate_after_eos(responses, tok.eos_token_id, tok.pad_token_id), logits)
 
 
 def score_responses(rm: nn.Module, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor, has_eos: torch.Tensor,
@@ -143,21 +172,28 @@ def score_responses(rm: nn.Module, ids: torch.Tensor, mask: torch.Tensor, last: 
 
 @torch.no_grad()
 def rollout(pv: PolicyAndValue, ref: nn.Module, rm: nn.Module, tok, prompts: list[str], cfg: Config,
-            kl_coef: float, device) -> tuple[Rollout, dict[str, float]]:
+            kl_coef: float, device, bf16: bool = False) -> tuple[Rollout, dict[str, float]]:
     """1. sample responses, 2. score them, 3. per-token rewards and GAE advantages."""
     p = cfg.ppo
     pv.eval()
+    t0 = time.perf_counter()
     queries, qmask = encode_prompts(tok, prompts, p.max_prompt_tokens, device)
-    responses, rmask, has_eos = sample_responses(pv.policy, tok, queries, qmask, p)
+    with runtime.autocast(device, bf16):
+        responses, rmask, has_eos, gen_logits = sample_responses(pv.policy, tok, queries, qmask, p)
+    t1 = time.perf_counter()
     ids, mask, q = torch.cat([queries, responses], 1), torch.cat([qmask, rmask], 1), queries.shape[1]
 
-    logits, values = pv(ids, mask, q, p.temperature)                          # (B, R, V), (B, R)
+    # log pi_old from the sampler's own logits (the same weights, KV-cached: equal to a fresh forward to ~1e-6)
+    logits = gen_logits / p.temperature                                       # (B, R, V)
     logprobs = token_logprobs(logits, responses)                              # (B, R)
     entropy = entropy_from_logits(logits)                                     # (B, R)
-    ref_logits = ref(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-    ref_logprobs = token_logprobs(ref_logits[:, q - 1:-1], responses, p.temperature)
-    last = q + rmask.sum(1) - 1                                               # (B,) index of the last kept token
-    scores = score_responses(rm, ids, mask, last, has_eos, p)                 # (B,)
+    del gen_logits, logits
+    with runtime.autocast(device, bf16):
+        values = pv.values(ids, mask, q)                                      # (B, R)
+        ref_logits = lm_forward(ref, ids, mask, q).logits[:, :-1]             # (B, R, V)
+        last = q + rmask.sum(1) - 1                                           # (B,) index of the last kept token
+        scores = score_responses(rm, ids, mask, last, has_eos, p)             # (B,)
+    ref_logprobs = token_logprobs(ref_logits.float(), responses, p.temperature)
 
     kl = kl_penalty(logprobs, ref_logprobs, p.kl_estimator) * rmask           # (B, R)
     rewards = token_rewards(kl, scores, rmask, kl_coef)                       # (B, R)
@@ -176,12 +212,13 @@ def rollout(pv: PolicyAndValue, ref: nn.Module, rm: nn.Module, tok, prompts: lis
              "objective/rlhf_reward": (scores + non_score).mean().item(),
              "objective/scores": scores.mean().item(),
              "val/num_eos_tokens": has_eos.sum().item(),
-             "val/response_length": rmask.sum(1).float().mean().item()}
+             "val/response_length": rmask.sum(1).float().mean().item(),
+             "time/generate": t1 - t0, "time/score": time.perf_counter() - t1}
     return batch, stats
 
 
 def ppo_step(pv: PolicyAndValue, batch: Rollout, opt, sched, cfg: Config, ptx_rows, ptx_cursor: int,
-             pad_id: int) -> dict[str, float]:
+             pad_id: int, bf16: bool = False) -> dict[str, float]:
     """4. several epochs of clipped PPO updates over reshuffled minibatches of one rollout batch."""
     p = cfg.ppo
     pv.train()
@@ -192,7 +229,8 @@ def ppo_step(pv: PolicyAndValue, batch: Rollout, opt, sched, cfg: Config, ptx_ro
         for mb in torch.randperm(len(ids)).split(p.mini_batch_size):
             for micro in mb.split(p.micro_batch_size):
                 b = batch.select(micro)
-                logits, vpred = pv(ids[micro], mask[micro], q, p.temperature)  # (b, R, V), (b, R)
+                with runtime.autocast(ids.device, bf16):
+                    logits, vpred = pv(ids[micro], mask[micro], q, p.temperature)  # (b, R, V), (b, R)
                 new_logprobs = token_logprobs(logits, b.responses)            # (b, R)
                 pg_loss, pg = policy_loss(new_logprobs, b.logprobs, b.advantages, b.response_mask, p.cliprange)
                 vf_loss, vf_clipfrac = value_loss(vpred, b.values, b.returns, b.response_mask, p.cliprange_value)
@@ -201,7 +239,10 @@ def ppo_step(pv: PolicyAndValue, batch: Rollout, opt, sched, cfg: Config, ptx_ro
                     rows = [ptx_rows[(ptx_cursor + i) % len(ptx_rows)] for i in range(p.ptx_batch_size)]
                     ptx_cursor += p.ptx_batch_size
                     x = collate(rows, pad_id, ids.device)
-                    ptx_logits = pv.policy(input_ids=x["input_ids"], attention_mask=x["attention_mask"]).logits
+                    with runtime.autocast(ids.device, bf16):
+                        ptx_logits = pv.policy(input_ids=x["input_ids"], attention_mask=x["attention_mask"],
+                                               use_cache=False).logits
+                    ptx_logits = ptx_logits.float()
                     ptx_loss = lm_loss(ptx_logits, x["input_ids"], x["loss_mask"])[0]
                     loss = loss + p.ptx_coef * ptx_loss
                     acc.setdefault("loss/ptx_avg", []).append(ptx_loss.item())
@@ -261,6 +302,7 @@ def train_ppo(cfg: Config, sft_model: str, reward_model: str, out_dir: Path, sin
     runtime.seed_everything(cfg.base.seed)
     runtime.set_threads(cfg.base)
     device = runtime.resolve_device(cfg.base)
+    bf16 = runtime.use_bf16(cfg.base, device)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tok, pv, ref, rm = build(cfg, sft_model, reward_model, device)
@@ -269,7 +311,7 @@ def train_ppo(cfg: Config, sft_model: str, reward_model: str, out_dir: Path, sin
     ptx_rows = load_ptx_rows(cfg, tok) if p.ptx_coef > 0 else []
     opt = make_optimizer(pv, p.lr, p.weight_decay)
     total_steps = p.updates * p.ppo_epochs * p.n_minibatches
-    sched = make_scheduler(opt, total_steps, 0, shape="linear")
+    sched = make_scheduler(opt, total_steps, 0, shape=p.lr_schedule)
     ckpt = out_dir / "checkpoint"
     state = load_checkpoint(ckpt, pv, opt, sched) or {"update": 0, "kl_coef": p.kl_coef, "history": []}
 
@@ -280,14 +322,14 @@ def train_ppo(cfg: Config, sft_model: str, reward_model: str, out_dir: Path, sin
         start = u * p.rollout_batch_size
         batch_prompts = [prompts[epoch_order(len(prompts), cfg.base.seed, (start + i) // len(prompts))[
             (start + i) % len(prompts)]] for i in range(p.rollout_batch_size)]
-        batch, stats = rollout(pv, ref, rm, tok, batch_prompts, cfg, state["kl_coef"], device)
+        batch, stats = rollout(pv, ref, rm, tok, batch_prompts, cfg, state["kl_coef"], device, bf16)
         if gold is not None:
             texts = decode_responses(tok, batch.responses)
             stats["objective/gold"] = sum(gold.score_batch(batch_prompts, texts)) / len(texts)
         t1 = time.perf_counter()
         # 4. PPO epochs
         ptx_per_update = p.ppo_epochs * (p.rollout_batch_size // p.micro_batch_size) * p.ptx_batch_size
-        stats.update(ppo_step(pv, batch, opt, sched, cfg, ptx_rows, u * ptx_per_update, tok.pad_token_id))
+        stats.update(ppo_step(pv, batch, opt, sched, cfg, ptx_rows, u * ptx_per_update, tok.pad_token_id, bf16))
         # 5. KL controller, metrics, samples, checkpoint
         stats.update({"objective/kl_coef": state["kl_coef"], "lr": sched.get_last_lr()[0],
                       "episode": (u + 1) * p.rollout_batch_size, "time/rollout": t1 - t0,

@@ -93,7 +93,7 @@ def pretrain(cfg: Config, out_dir: Path, sink: MetricsSink = null_sink) -> Stage
         idx = torch.randint(len(train_rows), (p.batch_size,), generator=g)
         batch = train_rows[idx].to(device)
         with runtime.autocast(device, bf16):
-            logits = model(input_ids=batch).logits
+            logits = model(input_ids=batch, use_cache=False).logits
         loss, _ = lm_loss(logits, batch, torch.ones_like(batch))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), p.max_grad_norm)
@@ -109,7 +109,7 @@ def pretrain(cfg: Config, out_dir: Path, sink: MetricsSink = null_sink) -> Stage
     # 4. held-out loss, save
     model.eval()
     with torch.no_grad(), runtime.autocast(device, bf16):
-        eval_loss = sum(lm_loss(model(input_ids=r.unsqueeze(0).to(device)).logits, r.unsqueeze(0).to(device),
+        eval_loss = sum(lm_loss(model(input_ids=r.unsqueeze(0).to(device), use_cache=False).logits, r.unsqueeze(0).to(device),
                                 torch.ones_like(r.unsqueeze(0)))[0].item() for r in eval_rows[:64]) / min(64, len(eval_rows))
     metrics = {"train/loss": loss.item(), "eval/loss": eval_loss, "eval/perplexity": math.exp(eval_loss),
                "params": num_params(model), "tokens_seen": p.steps * p.batch_size * p.seq_len, "bf16": float(bf16)}

@@ -46,7 +46,7 @@ from rlhf_core.training import (
 
 def rewards_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Scalar reward per row, read at the last real token (EOS) of a right-padded batch: (B,)."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, 0].float()
 
 
 def group_batch(groups: list[loaders.PreferenceGroup], tok, max_length: int, device):

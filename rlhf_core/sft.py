@@ -75,7 +75,7 @@ def evaluate_loss(model, rows: list[Row], pad_id: int, micro: int, device, bf16:
     for chunk in batched(rows, micro):
         b = collate(chunk, pad_id, device)
         with runtime.autocast(device, bf16):
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
         loss, n = lm_loss(logits, b["input_ids"], b["loss_mask"])
         total, count = total + loss.item() * n.item(), count + n.item()
     model.train()
@@ -139,7 +139,7 @@ def train_sft(cfg: Config, base_model: str, out_dir: Path, sink: MetricsSink = n
             loss_sum = 0.0
             for b in micro:
                 with runtime.autocast(device, bf16):
-                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
                 loss, n = lm_loss(logits, b["input_ids"], b["loss_mask"])
                 (loss * n / n_tokens).backward()
                 loss_sum += (loss * n).item()

@@ -32,8 +32,8 @@ from rlhf_core.config import Config
 from rlhf_core.labeler import SimulatedLabeler, words
 from rlhf_core.losses import token_logprobs
 from rlhf_core.models import load_causal_lm, load_reward_model, load_tokenizer
-from rlhf_core.ppo import sample_responses, score_responses
-from rlhf_core.sampling import decode_responses, encode_prompts, position_ids
+from rlhf_core.ppo import lm_forward, sample_responses, score_responses
+from rlhf_core.sampling import decode_responses, encode_prompts
 from rlhf_core.training import MetricsSink, StageResult, batched, null_sink, progress, write_metrics
 
 
@@ -53,9 +53,8 @@ class Samples:
 def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, context: int, responses: torch.Tensor,
                       response_mask: torch.Tensor, temperature: float) -> torch.Tensor:
     """log p(response | prompt) summed over kept tokens, at the sampling temperature (N+ detail 3): (B,)."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                   use_cache=False).logits                                                  # (B, Q + R, V)
-    logp = token_logprobs(logits[:, context - 1:-1], responses, temperature)                   # (B, R)
+    logits = lm_forward(model, ids, mask, context).logits[:, :-1]                              # (B, R, V)
+    logp = token_logprobs(logits, responses, temperature)                                       # (B, R)
     return (logp * response_mask).sum(1)                                                        # (B,)
 
 
@@ -69,9 +68,10 @@ def sample(model, ref, rm, tok, prompts: list[str], cfg: Config, gold, seed: int
     for chunk in batched(prompts, cfg.evaluate.batch_size):
         queries, qmask = encode_prompts(tok, chunk, p.max_prompt_tokens, device)
         q = queries.shape[1]
-        responses, rmask, has_eos = sample_responses(model, tok, queries, qmask, p)
+        responses, rmask, has_eos, logits = sample_responses(model, tok, queries, qmask, p)
         ids, mask = torch.cat([queries, responses], 1), torch.cat([qmask, rmask], 1)          # (B, Q + R)
-        logp = sequence_logprobs(model, ids, mask, q, responses, rmask, p.temperature)        # (B,)
+        logp = (token_logprobs(logits, responses, p.temperature) * rmask).sum(1)              # (B,) from the sampler
+        del logits
         ref_logp = logp if ref is model else sequence_logprobs(ref, ids, mask, q, responses, rmask, p.temperature)
         last = q + rmask.sum(1) - 1                                                           # (B,)
         for k, v in (("proxy", score_responses(rm, ids, mask, last, has_eos, p)), ("logprobs", logp),

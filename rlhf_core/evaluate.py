@@ -21,6 +21,7 @@ import csv
 import itertools
 import math
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,7 +183,11 @@ def evaluate(cfg: Config, sft_model: str, reward_model: str, policies: dict[str,
     tok = load_tokenizer(sft_model)
     ref = load_causal_lm(sft_model, tok).to(device).eval().requires_grad_(False)
     rm = load_reward_model(reward_model).to(device).eval().requires_grad_(False)
-    prompts = loaders.load_prompts(cfg.data_path(e.prompts), columns=e.columns or None)[:e.n_prompts]
+    prompts = loaders.load_prompts(cfg.data_path(e.prompts), columns=e.columns or None)
+    if len(prompts) < e.n_prompts:
+        print(f"evaluate: {e.prompts} holds {len(prompts)} prompts, fewer than evaluate.n_prompts = {e.n_prompts}; "
+              f"evaluating on all {len(prompts)}", file=sys.stderr)
+    prompts = prompts[:e.n_prompts]
     snaps = sorted(Path(snapshots).glob("update_*")) if snapshots else []
     models = {"sft": sft_model, **{str(k): str(v) for k, v in policies.items()},
               **{f"snapshot_{p.name}": str(p) for p in snaps}}

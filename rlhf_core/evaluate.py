@@ -33,7 +33,7 @@ from rlhf_core.config import Config
 from rlhf_core.labeler import SimulatedLabeler, words
 from rlhf_core.losses import token_logprobs
 from rlhf_core.models import load_causal_lm, load_reward_model, load_tokenizer
-from rlhf_core.ppo import lm_forward, sample_responses, score_responses
+from rlhf_core.ppo import response_logprobs, sample_responses, score_responses
 from rlhf_core.sampling import decode_responses, encode_prompts
 from rlhf_core.training import MetricsSink, StageResult, batched, null_sink, progress, write_metrics
 
@@ -54,9 +54,7 @@ class Samples:
 def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, context: int, responses: torch.Tensor,
                       response_mask: torch.Tensor, temperature: float) -> torch.Tensor:
     """log p(response | prompt) summed over kept tokens, at the sampling temperature (N+ detail 3): (B,)."""
-    logits = lm_forward(model, ids, mask, context).logits[:, :-1]                              # (B, R, V)
-    logp = token_logprobs(logits, responses, temperature)                                       # (B, R)
-    return (logp * response_mask).sum(1)                                                        # (B,)
+    return (response_logprobs(model, ids, mask, context, responses, temperature) * response_mask).sum(1)
 
 
 @torch.no_grad()

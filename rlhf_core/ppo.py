@@ -130,6 +130,14 @@ def lm_forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, context:
     return model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False, **kw)
 
 
+def response_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, context: int, responses: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """log p(a_t | s_t) of the R response tokens after `context` under a fresh forward of `model`, at the sampling
+    temperature (N+ detail 3): (B, R)."""
+    logits = lm_forward(model, ids, mask, context).logits[:, :-1]             # (B, R, V)
+    return token_logprobs(logits.float(), responses, temperature)
+
+
 @functools.cache
 def _accepts_logits_to_keep(cls: type) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
@@ -190,10 +198,9 @@ def rollout(pv: PolicyAndValue, ref: nn.Module, rm: nn.Module, tok, prompts: lis
     del gen_logits, logits
     with runtime.autocast(device, bf16):
         values = pv.values(ids, mask, q)                                      # (B, R)
-        ref_logits = lm_forward(ref, ids, mask, q).logits[:, :-1]             # (B, R, V)
+        ref_logprobs = response_logprobs(ref, ids, mask, q, responses, p.temperature)  # (B, R)
         last = q + rmask.sum(1) - 1                                           # (B,) index of the last kept token
         scores = score_responses(rm, ids, mask, last, has_eos, p)             # (B,)
-    ref_logprobs = token_logprobs(ref_logits.float(), responses, p.temperature)
 
     kl = kl_penalty(logprobs, ref_logprobs, p.kl_estimator) * rmask           # (B, R)
     rewards = token_rewards(kl, scores, rmask, kl_coef)                       # (B, R)

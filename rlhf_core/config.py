@@ -145,8 +145,9 @@ class SFTConfig:
     """passes over the demonstrations"""
     batch_size: int = 32
     """examples per optimizer step (micro_batch_size x gradient accumulation)"""
-    micro_batch_size: int = 16
-    """examples per forward pass; must divide batch_size"""
+    micro_batch_size: int = 8
+    """examples per forward pass, the batch's examples sorted by length first (so each micro batch pads little; the
+    gradient is the batch's either way); must divide batch_size"""
     lr: float = 5e-4
     """peak learning rate (AdamW)"""
     warmup_ratio: float = 0.05
@@ -198,7 +199,10 @@ class RewardConfig:
     batch_size: int = 32
     """comparisons (prompts in grouped mode) per optimizer step"""
     micro_batch_size: int = 16
-    """comparisons per forward pass; must divide batch_size"""
+    """comparisons per backward pass; must divide batch_size"""
+    rows_per_forward: int = 8
+    """responses per forward pass: a micro batch's responses run in length-sorted chunks of this many, each padded
+    only to its own longest (same rewards and gradient as one forward, less compute on padding; 0 = one forward)"""
     lr: float = 2e-4
     """peak learning rate (AdamW)"""
     warmup_ratio: float = 0.05
@@ -230,6 +234,7 @@ class RewardConfig:
         _require(self.margin >= 0, "margin", "must be >= 0")
         _require(self.center_rewards_coef >= 0, "center_rewards_coef", "must be >= 0")
         _require(self.normalize_samples >= 0, "normalize_samples", "must be >= 0")
+        _require(self.rows_per_forward >= 0, "rows_per_forward", "must be >= 0")
         _require(self.max_length >= 8, "max_length", "must be >= 8")
 
 

@@ -89,6 +89,16 @@ class Rollout:
     def select(self, idx: torch.Tensor) -> Rollout:
         return Rollout(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
+    def trimmed(self) -> Rollout:
+        """The same episodes without the columns that are padding in every row: prompt columns left of the longest
+        prompt, response columns after the longest kept response. A minibatch's longest prompt and response are
+        usually shorter than the whole batch's, and every loss is masked, so losses and gradients are unchanged."""
+        prompt_cols, response_cols = self.query_mask.any(0).nonzero(), self.response_mask.any(0).nonzero()
+        lo = int(prompt_cols[0]) if len(prompt_cols) else 0
+        hi = int(response_cols[-1]) + 1 if len(response_cols) else self.responses.shape[1]
+        return Rollout(**{f.name: (v[:, lo:] if f.name in ("queries", "query_mask") else v[:, :hi] if v.dim() == 2
+                                   else v) for f in fields(self) for v in [getattr(self, f.name)]})
+
 
 def scalar_outputs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-position output of a scalar-head model (reward or value model): (B, T) -> (B, T)."""
@@ -229,15 +239,14 @@ def ppo_step(pv: PolicyAndValue, batch: Rollout, opt, sched, cfg: Config, ptx_ro
     """4. several epochs of clipped PPO updates over reshuffled minibatches of one rollout batch."""
     p = cfg.ppo
     pv.train()
-    q = batch.queries.shape[1]
-    ids, mask = batch.input_ids, batch.attention_mask
+    device = batch.queries.device
     acc: dict[str, list[float]] = {}
     for _ in range(p.ppo_epochs):
-        for mb in torch.randperm(len(ids)).split(p.mini_batch_size):
+        for mb in torch.randperm(len(batch.queries)).split(p.mini_batch_size):
             for micro in mb.split(p.micro_batch_size):
-                b = batch.select(micro)
-                with runtime.autocast(ids.device, bf16):
-                    logits, vpred = pv(ids[micro], mask[micro], q, p.temperature)  # (b, R, V), (b, R)
+                b = batch.select(micro).trimmed()                                # (b, Q'), (b, R')
+                with runtime.autocast(device, bf16):
+                    logits, vpred = pv(b.input_ids, b.attention_mask, b.queries.shape[1], p.temperature)
                 new_logprobs = token_logprobs(logits, b.responses)            # (b, R)
                 pg_loss, pg = policy_loss(new_logprobs, b.logprobs, b.advantages, b.response_mask, p.cliprange)
                 vf_loss, vf_clipfrac = value_loss(vpred, b.values, b.returns, b.response_mask, p.cliprange_value)
@@ -245,8 +254,8 @@ def ppo_step(pv: PolicyAndValue, batch: Rollout, opt, sched, cfg: Config, ptx_ro
                 if p.ptx_coef > 0:
                     rows = [ptx_rows[(ptx_cursor + i) % len(ptx_rows)] for i in range(p.ptx_batch_size)]
                     ptx_cursor += p.ptx_batch_size
-                    x = collate(rows, pad_id, ids.device)
-                    with runtime.autocast(ids.device, bf16):
+                    x = collate(rows, pad_id, device)
+                    with runtime.autocast(device, bf16):
                         ptx_logits = pv.policy(input_ids=x["input_ids"], attention_mask=x["attention_mask"],
                                                use_cache=False).logits
                     ptx_logits = ptx_logits.float()

@@ -32,6 +32,7 @@ from rlhf_core.training import (
     MetricsSink,
     StageResult,
     batched,
+    by_length,
     epoch_order,
     load_checkpoint,
     make_optimizer,
@@ -49,31 +50,41 @@ def rewards_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, 0].float()
 
 
-def group_batch(groups: list[loaders.PreferenceGroup], tok, max_length: int, device):
-    """All responses of `groups` in one batch, plus (P, 2) pair indices and (P,) group ids."""
+def rewards_of_rows(model, rows: list, pad_id: int, device, bf16: bool, rows_per_forward: int) -> torch.Tensor:
+    """Rewards of token rows (from tokenize_example), in the rows' order: (N,). The forwards run over length-sorted
+    chunks of `rows_per_forward` rows (training.by_length), so little compute goes to padding; each reward is the
+    same as in one forward over all rows (the autograd graph covers every chunk when grad is on)."""
+    chunks = by_length([len(ids) for ids, _ in rows], rows_per_forward)
+    parts = []
+    for idx in chunks:
+        with runtime.autocast(device, bf16):
+            parts.append(rewards_of(model, collate([rows[i] for i in idx], pad_id, device)))
+    order = torch.tensor([i for idx in chunks for i in idx], device=device)
+    return torch.cat(parts)[torch.argsort(order)]
+
+
+def group_rows(groups: list[loaders.PreferenceGroup], tok, max_length: int, device):
+    """Token rows of all responses of `groups`, plus (P, 2) pair indices into them and (P,) group ids."""
     rows, pairs, group_ids = [], [], []
     for g_idx, g in enumerate(groups):
         offset = len(rows)
         rows.extend(tokenize_example(tok, g.prompt, r, max_length) for r in g.responses)
         pairs.extend((offset + w, offset + lo) for w, lo in g.pairs)
         group_ids.extend([g_idx] * len(g.pairs))
-    return (collate(rows, tok.pad_token_id, device), torch.tensor(pairs, device=device),
-            torch.tensor(group_ids, device=device))
+    return rows, torch.tensor(pairs, device=device), torch.tensor(group_ids, device=device)
 
 
 @torch.no_grad()
 def score_texts(model, tok, prompts: list[str], responses: list[str], max_length: int, batch_size: int = 64,
                 bf16: bool = False) -> list[float]:
-    """Reward of each (prompt, response) as the model sees it after training (EOS appended)."""
+    """Reward of each (prompt, response) as the model sees it after training (EOS appended); forwards of
+    `batch_size` rows, grouped by length."""
     device = next(model.parameters()).device
     model.eval()
-    out: list[float] = []
-    pairs = list(zip(prompts, responses))
-    for chunk in batched(pairs, batch_size):
-        b = collate([tokenize_example(tok, p, r, max_length) for p, r in chunk], tok.pad_token_id, device)
-        with runtime.autocast(device, bf16):
-            out.extend(rewards_of(model, b).tolist())
-    return out
+    rows = [tokenize_example(tok, p, r, max_length) for p, r in zip(prompts, responses)]
+    if not rows:
+        return []
+    return rewards_of_rows(model, rows, tok.pad_token_id, device, bf16, batch_size).tolist()
 
 
 class RewardModelScorer:
@@ -167,9 +178,8 @@ def train_reward(cfg: Config, init_model: str, sft_model: str | None, out_dir: P
             loss_sum, correct, n_pairs = 0.0, 0, 0
             for mb in batched(batch_idx, r.micro_batch_size):
                 groups = [train[j] for j in mb]
-                batch, pairs, group_ids = group_batch(groups, tok, r.max_length, device)
-                with runtime.autocast(device, bf16):
-                    rewards = rewards_of(model, batch)                                 # (N,)
+                rows, pairs, group_ids = group_rows(groups, tok, r.max_length, device)
+                rewards = rewards_of_rows(model, rows, tok.pad_token_id, device, bf16, r.rows_per_forward)  # (N,)
                 loss = ranking_loss(rewards, pairs, group_ids, r.margin, r.center_rewards_coef)
                 (loss * len(mb) / len(batch_idx)).backward()
                 loss_sum += loss.item() * len(mb) / len(batch_idx)

@@ -23,6 +23,7 @@ from rlhf_core.training import (
     MetricsSink,
     StageResult,
     batched,
+    by_length,
     epoch_order,
     load_checkpoint,
     make_optimizer,
@@ -72,8 +73,8 @@ def evaluate_loss(model, rows: list[Row], pad_id: int, micro: int, device, bf16:
     """Token-weighted mean completion loss over `rows`."""
     model.eval()
     total, count = 0.0, 0.0
-    for chunk in batched(rows, micro):
-        b = collate(chunk, pad_id, device)
+    for chunk in by_length([len(ids) for ids, _ in rows], micro):
+        b = collate([rows[i] for i in chunk], pad_id, device)
         with runtime.autocast(device, bf16):
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
         loss, n = lm_loss(logits, b["input_ids"], b["loss_mask"])
@@ -133,8 +134,9 @@ def train_sft(cfg: Config, base_model: str, out_dir: Path, sink: MetricsSink = n
                 continue
             if step >= total_steps:
                 break  # already done before the resume
-            micro = [collate([train_rows[j] for j in mb], tok.pad_token_id, device)
-                     for mb in batched(batch_idx, s.micro_batch_size)]
+            rows = [train_rows[j] for j in batch_idx]
+            micro = [collate([rows[j] for j in mb], tok.pad_token_id, device)
+                     for mb in by_length([len(ids) for ids, _ in rows], s.micro_batch_size)]
             n_tokens = sum(b["loss_mask"][:, 1:].sum() for b in micro).clamp(min=1)
             loss_sum = 0.0
             for b in micro:

@@ -83,6 +83,17 @@ def batched(items: list, size: int, drop_last: bool = False) -> Iterator[list]:
         yield chunk
 
 
+def by_length(lengths: list[int], chunk: int) -> list[list[int]]:
+    """Row indices sorted by length and cut into chunks of `chunk` (0 = one chunk of all): a batch padded to its
+    longest row wastes the compute of every pad position; chunks of similar lengths, each padded only to its own
+    longest, waste little. Measured on the demo's reward data: 16 prompts x 4 responses in one forward are half
+    padding, and length-sorted chunks of 8 cut the forward + backward time of a step in half. Per-row results do not
+    depend on the chunking, so callers get the same values in less time."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    size = chunk if chunk > 0 else max(1, len(order))
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
 def progress(total: int, desc: str, initial: int = 0):
     """A progress bar on stderr; quiet when stderr is not a terminal except for periodic lines."""
     return tqdm(total=total, desc=desc, initial=initial, dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 15.0)

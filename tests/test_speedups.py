@@ -1,5 +1,6 @@
-"""The speed-ups of the PPO loop compute what the slow way computes: fused GELU, LM head only on response positions,
-old log-probs from the sampler's own logits, fixed-length sampling without a stop token, constant LR."""
+"""The speed-ups compute what the slow way computes: fused GELU, LM head only on response positions, old log-probs
+from the sampler's own logits, fixed-length sampling without a stop token, constant LR, length-sorted forwards
+(reward model, SFT) and PPO minibatches trimmed of all-padding columns."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-from rlhf_core.losses import token_logprobs
+from rlhf_core.losses import policy_loss, token_logprobs, value_loss
 from rlhf_core.models import fuse_activations
-from rlhf_core.ppo import lm_forward, sample_responses
+from rlhf_core.ppo import PolicyAndValue, Rollout, lm_forward, sample_responses
+from rlhf_core.reward import rewards_of, rewards_of_rows
 from rlhf_core.sampling import position_ids
-from rlhf_core.training import make_optimizer, make_scheduler
+from rlhf_core.sft import collate
+from rlhf_core.training import by_length, make_optimizer, make_scheduler
 
 EOS, PAD = 0, 1
 
@@ -88,3 +91,69 @@ def test_constant_schedule_keeps_the_peak_lr_and_linear_anneals_to_zero():
         for _ in range(10):
             opt.step(), sched.step()
         assert sched.get_last_lr()[0] == pytest.approx(last)
+
+
+def test_by_length_sorts_and_chunks_every_index_once():
+    lengths = [5, 2, 9, 2, 7, 1, 8]
+    chunks = by_length(lengths, 3)
+    assert [len(c) for c in chunks] == [3, 3, 1]
+    assert sorted(i for c in chunks for i in c) == list(range(7))
+    flat = [lengths[i] for c in chunks for i in c]
+    assert flat == sorted(lengths)
+    assert by_length(lengths, 0) == [sorted(range(7), key=lengths.__getitem__)]
+    assert by_length([], 4) == []
+
+
+def tiny_rm() -> GPT2ForSequenceClassification:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50, n_positions=64, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, num_labels=1, eos_token_id=EOS, pad_token_id=PAD)
+    return GPT2ForSequenceClassification(config)
+
+
+def test_length_sorted_reward_forwards_give_the_one_forward_rewards_and_gradient():
+    g = torch.Generator().manual_seed(2)
+    rows = [(torch.randint(2, 50, (n,), generator=g).tolist(), [0] * n) for n in (3, 11, 6, 14, 4, 9, 2)]
+    model = tiny_rm()
+    one = rewards_of(model, collate(rows, PAD, "cpu"))
+    (one * torch.arange(7.0)).sum().backward()
+    grad_one = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    chunked = rewards_of_rows(model, rows, PAD, "cpu", False, rows_per_forward=2)
+    (chunked * torch.arange(7.0)).sum().backward()
+    torch.testing.assert_close(chunked, one, rtol=0, atol=1e-5)              # same rewards, in the rows' order
+    for a, b in zip(grad_one, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_trimmed_minibatch_gives_the_same_ppo_losses_and_gradients():
+    """A minibatch whose prompts are shorter and responses end sooner than the rollout batch's longest."""
+    torch.manual_seed(4)
+    b, q, r = 3, 8, 10
+    queries, qmask = left_padded(batch=b, width=q)
+    qmask[:, :2], queries[:, :2] = 0, PAD                    # two all-padding prompt columns
+    rmask = torch.zeros(b, r, dtype=torch.long)
+    for i, n in enumerate((4, 6, 3)):                        # the last 4 response columns are padding everywhere
+        rmask[i, :n] = 1
+    responses = torch.randint(2, 50, (b, r)).masked_fill(rmask == 0, PAD)
+    rand = lambda: torch.randn(b, r) * rmask  # noqa: E731
+    batch = Rollout(queries, qmask, responses, rmask, rand() - 3, rand() - 3, rand(), torch.randn(b), rand(),
+                    rand(), rand())
+    trimmed = batch.trimmed()
+    assert trimmed.queries.shape == (b, q - 2) and trimmed.responses.shape == (b, 6)
+    pv = PolicyAndValue(tiny_lm().train(), value_model=tiny_rm())
+
+    def losses_and_grads(x: Rollout):
+        pv.zero_grad()
+        logits, values = pv(x.input_ids, x.attention_mask, x.queries.shape[1], 0.7)
+        pg, _ = policy_loss(token_logprobs(logits, x.responses), x.logprobs, x.advantages, x.response_mask, 0.2)
+        vf, _ = value_loss(values, x.values, x.returns, x.response_mask, 0.2)
+        (pg + 0.1 * vf).backward()
+        return torch.stack([pg, vf]).detach(), [p.grad.clone() for p in pv.parameters() if p.grad is not None]
+
+    full_losses, full_grads = losses_and_grads(batch)
+    trim_losses, trim_grads = losses_and_grads(trimmed)
+    torch.testing.assert_close(trim_losses, full_losses, rtol=1e-5, atol=1e-6)
+    assert len(trim_grads) == len(full_grads)
+    for a, c in zip(full_grads, trim_grads):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6)

@@ -85,11 +85,15 @@ class Progress:
             self.set(min(100.0, 100.0 * state["step"] / state["total"]))
 
     def set(self, percent: float) -> None:
+        """Create the artifact, then update it in steps of at least 2 % (and at 100 %): each update is an API call
+        and a database write on the Prefect server, which shares the CPU with the stage."""
         if self.artifact_id is None:
             self.artifact_id = artifacts.create_progress_artifact(progress=percent,
                                                                   description=f"{self.stage}: optimizer steps done")
-        elif percent - self.last >= 1.0 or (percent == 100.0 and self.last < 100.0):
+        elif percent - self.last >= 2.0 or (percent == 100.0 and self.last < 100.0):
             artifacts.update_progress_artifact(self.artifact_id, progress=percent)
+        else:
+            return
         self.last = percent
 
     def finish(self) -> None:

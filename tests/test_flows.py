@@ -18,6 +18,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows import registry
 from flows.dvc_cache import data_md5
+from flows import pipeline
 from flows.pipeline import NAMES, rlhf_pipeline
 from flows.sweep import overoptimization_sweep
 
@@ -169,3 +170,19 @@ def test_overoptimization_sweep_reuses_the_cached_stages(runs, project):
     assert (project / "outputs" / "sweep" / "frontier.csv").exists()
     paths = {a.path for a in MlflowClient().list_artifacts(summary["sweep_run_id"], "outputs")}
     assert "outputs/frontier.csv" in paths and "outputs/frontier.png" in paths
+
+
+def test_progress_artifact_moves_in_small_steps_even_when_each_poll_sees_little_progress(monkeypatch, tmp_path):
+    """A stage that advances 0.5 % between two polls still moves its progress bar (every 2 %), not only at the end."""
+    calls: list[tuple[str, float]] = []
+    monkeypatch.setattr(pipeline.artifacts, "create_progress_artifact",
+                        lambda progress, description: calls.append(("create", progress)) or "artifact-id")
+    monkeypatch.setattr(pipeline.artifacts, "update_progress_artifact",
+                        lambda artifact_id, progress: calls.append(("update", progress)))
+    progress = pipeline.Progress("pretrain", tmp_path / "progress.json")
+    for i in range(201):
+        progress.set(i * 0.5)
+    progress.finish()
+    updates = [p for kind, p in calls if kind == "update"]
+    assert calls[0] == ("create", 0.0)
+    assert updates[:3] == [2.0, 4.0, 6.0] and updates[-1] == 100.0 and len(updates) == 50

@@ -247,7 +247,7 @@ def ppo_step(pv: PolicyAndValue, batch: Rollout, opt, sched, cfg: Config, ptx_ro
                 b = batch.select(micro).trimmed()                                # (b, Q'), (b, R')
                 with runtime.autocast(device, bf16):
                     logits, vpred = pv(b.input_ids, b.attention_mask, b.queries.shape[1], p.temperature)
-                new_logprobs = token_logprobs(logits, b.responses)            # (b, R)
+                new_logprobs = token_logprobs(logits, b.responses)            # (b, R')
                 pg_loss, pg = policy_loss(new_logprobs, b.logprobs, b.advantages, b.response_mask, p.cliprange)
                 vf_loss, vf_clipfrac = value_loss(vpred, b.values, b.returns, b.response_mask, p.cliprange_value)
                 loss = pg_loss + p.vf_coef * vf_loss

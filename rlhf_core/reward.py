@@ -27,12 +27,11 @@ from rlhf_core.models import (
     shift_reward,
 )
 from rlhf_core.sampling import generate
-from rlhf_core.sft import collate, tokenize_example
+from rlhf_core.sft import length_sorted_batches, tokenize_example
 from rlhf_core.training import (
     MetricsSink,
     StageResult,
     batched,
-    by_length,
     epoch_order,
     load_checkpoint,
     make_optimizer,
@@ -54,13 +53,12 @@ def rewards_of_rows(model, rows: list, pad_id: int, device, bf16: bool, rows_per
     """Rewards of token rows (from tokenize_example), in the rows' order: (N,). The forwards run over length-sorted
     chunks of `rows_per_forward` rows (training.by_length), so little compute goes to padding; each reward is the
     same as in one forward over all rows (the autograd graph covers every chunk when grad is on)."""
-    chunks = by_length([len(ids) for ids, _ in rows], rows_per_forward)
-    parts = []
-    for idx in chunks:
+    order, parts = [], []
+    for idx, batch in length_sorted_batches(rows, rows_per_forward, pad_id, device):
         with runtime.autocast(device, bf16):
-            parts.append(rewards_of(model, collate([rows[i] for i in idx], pad_id, device)))
-    order = torch.tensor([i for idx in chunks for i in idx], device=device)
-    return torch.cat(parts)[torch.argsort(order)]
+            parts.append(rewards_of(model, batch))
+        order.extend(idx)
+    return torch.cat(parts)[torch.argsort(torch.tensor(order, device=device))]
 
 
 def group_rows(groups: list[loaders.PreferenceGroup], tok, max_length: int, device):

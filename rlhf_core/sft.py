@@ -69,12 +69,18 @@ def collate(rows: list[Row], pad_id: int, device) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
+def length_sorted_batches(rows: list[Row], size: int, pad_id: int, device) -> list[tuple[list[int], dict]]:
+    """(row indices, collated batch) for length-sorted chunks of `size` rows (training.by_length), each padded only to
+    its own longest row."""
+    return [(idx, collate([rows[i] for i in idx], pad_id, device))
+            for idx in by_length([len(ids) for ids, _ in rows], size)]
+
+
 def evaluate_loss(model, rows: list[Row], pad_id: int, micro: int, device, bf16: bool) -> float:
     """Token-weighted mean completion loss over `rows`."""
     model.eval()
     total, count = 0.0, 0.0
-    for chunk in by_length([len(ids) for ids, _ in rows], micro):
-        b = collate([rows[i] for i in chunk], pad_id, device)
+    for _, b in length_sorted_batches(rows, micro, pad_id, device):
         with runtime.autocast(device, bf16):
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
         loss, n = lm_loss(logits, b["input_ids"], b["loss_mask"])
@@ -134,9 +140,8 @@ def train_sft(cfg: Config, base_model: str, out_dir: Path, sink: MetricsSink = n
                 continue
             if step >= total_steps:
                 break  # already done before the resume
-            rows = [train_rows[j] for j in batch_idx]
-            micro = [collate([rows[j] for j in mb], tok.pad_token_id, device)
-                     for mb in by_length([len(ids) for ids, _ in rows], s.micro_batch_size)]
+            micro = [b for _, b in length_sorted_batches([train_rows[j] for j in batch_idx], s.micro_batch_size,
+                                                         tok.pad_token_id, device)]
             n_tokens = sum(b["loss_mask"][:, 1:].sum() for b in micro).clamp(min=1)
             loss_sum = 0.0
             for b in micro:

@@ -63,20 +63,10 @@ def run_stage(cfg: Config, stage: str, sink=None):
 
 def generate_demo_data(cfg: Config):
     """The embedded demo data under base.data_dir, sized by the `data` section (deterministic in base.seed)."""
-    import dataclasses
-
-    from rlhf_core.demo_data import DemoSizes, generate
-    from rlhf_core.labeler import SimulatedLabeler
+    from rlhf_core.demo_data import generate
     from rlhf_core.training import StageResult
 
-    d = cfg.data
-    sizes = DemoSizes(pretrain=d.pretrain_docs, sft_train=d.sft_train, sft_test=d.sft_test,
-                      rankings_train=d.rankings_train, rankings_test=d.rankings_test, pairs_train=d.pairs_train,
-                      pairs_test=d.pairs_test, rl_prompts=d.rl_prompts, eval_prompts=d.eval_prompts, k=d.k)
-    labeler = SimulatedLabeler()
-    if d.labeler_temperature is not None:
-        labeler = dataclasses.replace(labeler, temperature=d.labeler_temperature)
-    return StageResult(generate(Path(cfg.base.data_dir), seed=cfg.base.seed, sizes=sizes, labeler=labeler), {})
+    return StageResult(generate(Path(cfg.base.data_dir), seed=cfg.base.seed, data=cfg.data), {})
 
 
 def add_config_arguments(ap: argparse.ArgumentParser) -> None:

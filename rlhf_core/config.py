@@ -4,20 +4,22 @@
     cfg = load_config("params.yaml", profile="profiles/gpu-pythia-410m.yaml", overrides=["ppo.lr=1e-6"])
 
 A profile is a partial params file deep-merged over the base file; overrides are dotted `key=value` pairs (YAML values).
-Unknown keys, wrong types and impossible values are rejected with the dotted key name, before any work starts.
-This module imports only the standard library and PyYAML, so DVC, Prefect and notebooks can load configs cheaply.
+The dataclass defaults below are the tuned values; params.yaml restates them. Validation is pydantic's: each field
+declares its type and bounds, so unknown keys, wrong types, non-finite numbers and impossible values are rejected as a
+`ConfigError` naming the dotted key, before any work starts. `config_schema()` gives the JSON schema (docs included).
+This module imports only PyYAML and pydantic (no torch), so DVC, Prefect and notebooks can load configs cheaply.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
 
 
 class ConfigError(ValueError):
@@ -29,372 +31,349 @@ class ConfigError(ValueError):
 
 
 def _require(ok: bool, key: str, reason: str) -> None:
+    """A cross-field rule; `key` is relative to its section (from_dict prefixes the section)."""
     if not ok:
         raise ConfigError(key, reason)
 
 
-@dataclass(frozen=True)
+def _divides(c, whole: str, part: str) -> None:
+    w, p = getattr(c, whole), getattr(c, part)
+    _require(w % p == 0, whole, f"{w} does not divide into groups of {part}={p}")
+
+
+def _yaml_float(v):
+    # YAML 1.1 reads `1e-4` (no dot) as a string; accept what float() accepts and let pydantic reject the rest
+    try:
+        return float(v) if isinstance(v, str) else v
+    except ValueError:
+        return v
+
+
+def _number(**bounds):
+    # The bounds sit before the string conversion: after it, pydantic writes them into the JSON schema as "gt", not
+    # "exclusiveMinimum". Strict keeps bools out (lax float reads True as 1.0); ints are still welcome.
+    return Annotated[float, Strict(), Field(**bounds), BeforeValidator(_yaml_float)]
+
+
+# Strict per type, not per class: a class-wide strict=True also refuses a plain dict for a nested section.
+Int = Annotated[int, Strict()]  # no bools, no 1.5
+PosInt = Annotated[int, Strict(), Field(ge=1)]
+NonNegInt = Annotated[int, Strict(), Field(ge=0)]
+PosFloat, NonNegFloat = _number(gt=0), _number(ge=0)
+Share, Ratio, Unit = _number(gt=0, lt=1), _number(ge=0, lt=1), _number(ge=0, le=1)  # (0, 1), [0, 1), [0, 1]
+Str = Annotated[str, Strict()]
+Bool = Annotated[bool, Strict()]  # no "yes", no 1
+Columns = dict[Str, Str]
+# allow_inf_nan=False rejects inf and nan in every float field; attribute docstrings become the schema's descriptions
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
+_section = dataclass(frozen=True, config=_STRICT)
+
+
+@_section
 class BaseConfig:
-    seed: int = 0
+    seed: Int = 0
     """global seed: data generation, initialisation, sampling and shuffling all derive from it"""
-    model: str | None = None
+    model: Str | None = None
     """pretrained causal LM (hub name or local dir); null = pretrain the tiny default model on the demo corpus"""
-    tokenizer: str | None = None
+    tokenizer: Str | None = None
     """tokenizer to load (hub name or dir); null = the model's own, or a BPE trained on the demo corpus"""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """where to train: auto picks cuda when available, else cpu"""
     dtype: Literal["auto", "bf16", "fp32"] = "auto"
     """compute dtype: bf16 autocast with fp32 master weights, or plain fp32; auto = bf16 where the device supports it"""
-    data_dir: str = "data"
+    data_dir: Str = "data"
     """where the demo generator writes and relative data paths resolve"""
-    out_dir: str = "outputs"
+    out_dir: Str = "outputs"
     """where stage outputs (models, metrics, reports) go, one sub-directory per stage"""
-    num_threads: int = 0
+    num_threads: NonNegInt = 0
     """torch intra-op threads on CPU; 0 = torch's default"""
 
-    def __post_init__(self):
-        _require(self.num_threads >= 0, "num_threads", "must be >= 0")
 
-
-@dataclass(frozen=True)
+@_section
 class DataConfig:
-    pretrain_docs: int = 20000
+    pretrain_docs: PosInt = 20000
     """documents in the generated pretraining corpus"""
-    sft_train: int = 4000
+    sft_train: PosInt = 4000
     """generated SFT demonstrations (train split)"""
-    sft_test: int = 400
+    sft_test: PosInt = 400
     """generated SFT demonstrations (held-out split)"""
-    rankings_train: int = 2000
+    rankings_train: PosInt = 2000
     """generated prompts with K ranked responses (train)"""
-    rankings_test: int = 300
+    rankings_test: PosInt = 300
     """generated prompts with K ranked responses (held-out)"""
-    pairs_train: int = 2000
+    pairs_train: PosInt = 2000
     """generated pairwise comparisons (train)"""
-    pairs_test: int = 300
+    pairs_test: PosInt = 300
     """generated pairwise comparisons (held-out)"""
-    rl_prompts: int = 2000
+    rl_prompts: PosInt = 2000
     """generated prompts for PPO rollouts"""
-    eval_prompts: int = 300
+    eval_prompts: PosInt = 300
     """generated held-out prompts for evaluation"""
-    k: int = 4
+    k: Annotated[Int, Field(ge=2)] = 4
     """responses ranked per prompt in the generated rankings (K >= 2; InstructGPT used 4 to 9)"""
-    labeler_temperature: float | None = None
+    labeler_temperature: PosFloat | None = None
     """Bradley-Terry noise temperature of the simulated labeler; null = the labeler's default"""
 
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, int):
-                _require(v >= 1, f.name, "must be >= 1")
-        _require(self.k >= 2, "k", f"a ranking needs K >= 2 responses, got {self.k}")
-        t = self.labeler_temperature
-        _require(t is None or t > 0, "labeler_temperature", "must be > 0")
 
-
-@dataclass(frozen=True)
+@_section
 class PretrainConfig:
-    vocab_size: int = 1024
-    """BPE vocabulary size of the demo tokenizer (special tokens included)"""
-    n_layer: int = 4
+    vocab_size: Annotated[Int, Field(ge=300)] = 1024
+    """BPE vocabulary size of the demo tokenizer (special tokens included; >= 300 = 256 bytes + specials + merges)"""
+    n_layer: PosInt = 4
     """transformer blocks of the tiny GPT-2 model"""
-    n_embd: int = 128
+    n_embd: PosInt = 128
     """model width"""
-    n_head: int = 4
+    n_head: PosInt = 4
     """attention heads (must divide n_embd)"""
-    n_positions: int = 256
+    n_positions: PosInt = 256
     """context length of the model"""
-    seq_len: int = 128
+    seq_len: PosInt = 128
     """tokens per training sequence (packed corpus)"""
-    batch_size: int = 32
+    batch_size: PosInt = 32
     """sequences per optimizer step"""
-    steps: int = 400
+    steps: PosInt = 300
     """optimizer steps"""
-    lr: float = 2e-3
-    """peak learning rate (AdamW)"""
-    warmup_steps: int = 30
+    lr: PosFloat = 6e-3
+    """peak learning rate (AdamW); measured held-out loss: 300 steps at 6e-3 -> 0.703, 400 at 2e-3 -> 0.718"""
+    warmup_steps: NonNegInt = 30
     """linear warmup steps before cosine decay to 0"""
-    weight_decay: float = 0.01
+    weight_decay: NonNegFloat = 0.01
     """AdamW weight decay"""
-    max_grad_norm: float = 1.0
+    max_grad_norm: PosFloat = 1.0
     """gradient clipping norm"""
+    checkpoint_every: PosInt = 200
+    """optimizer steps between resumable checkpoints"""
 
-    def __post_init__(self):
-        for name in ("vocab_size", "n_layer", "n_embd", "n_head", "n_positions", "seq_len", "batch_size", "steps"):
-            _require(getattr(self, name) >= 1, name, "must be >= 1")
-        _require(self.vocab_size >= 300, "vocab_size", "must be >= 300 (256 bytes + special tokens + merges)")
+    @model_validator(mode="after")
+    def _shapes(self):
         _require(self.n_embd % self.n_head == 0, "n_head", f"must divide n_embd={self.n_embd}")
         _require(self.seq_len <= self.n_positions, "seq_len", f"must be <= n_positions={self.n_positions}")
-        _check_optim(self)
+        return self
 
 
-@dataclass(frozen=True)
+@_section
 class SFTConfig:
-    train_data: str = "sft/train.jsonl"
+    train_data: Str = "sft/train.jsonl"
     """demonstrations: a local file/dir (relative to base.data_dir unless absolute or ./-prefixed) or a hub dataset name"""
-    eval_data: str | None = "sft/test.jsonl"
+    eval_data: Str | None = "sft/test.jsonl"
     """held-out demonstrations; null = hold out eval_fraction of train_data"""
-    eval_fraction: float = 0.05
+    eval_fraction: Share = 0.05
     """share of train_data held out when eval_data is null"""
     format: Literal["auto", "prompt_completion", "messages"] = "auto"
     """row format of the data files"""
-    columns: dict[str, str] = field(default_factory=dict)
+    columns: Columns = field(default_factory=dict)
     """map the project's column names (prompt, completion, messages) to the file's"""
     on_error: Literal["raise", "skip"] = "raise"
     """bad rows: stop with an error naming file/row/field, or skip them and write a report"""
-    epochs: int = 2
+    epochs: PosInt = 2
     """passes over the demonstrations"""
-    batch_size: int = 32
+    batch_size: PosInt = 32
     """examples per optimizer step (micro_batch_size x gradient accumulation)"""
-    micro_batch_size: int = 8
+    micro_batch_size: PosInt = 8
     """examples per forward pass, the batch's examples sorted by length first (so each micro batch pads little; the
     gradient is the batch's either way); must divide batch_size"""
-    lr: float = 5e-4
+    lr: PosFloat = 5e-4
     """peak learning rate (AdamW)"""
-    warmup_ratio: float = 0.05
+    warmup_ratio: Ratio = 0.05
     """fraction of steps with linear warmup, then cosine decay to 0"""
-    weight_decay: float = 0.0
+    weight_decay: NonNegFloat = 0.0
     """AdamW weight decay"""
-    max_grad_norm: float = 1.0
+    max_grad_norm: PosFloat = 1.0
     """gradient clipping norm"""
-    max_length: int = 128
+    max_length: Annotated[Int, Field(ge=8)] = 128
     """prompt + completion tokens; longer examples lose the start of the prompt"""
-    packing: bool = False
+    packing: Bool = False
     """concatenate examples into full max_length rows (no padding); the loss stays on completion tokens"""
-    max_steps: int = 0
+    max_steps: NonNegInt = 0
     """stop after this many optimizer steps (0 = run all epochs); the LR schedule spans the steps that run"""
-    eval_every: int = 50
+    eval_every: PosInt = 50
     """optimizer steps between held-out evaluations"""
-    checkpoint_every: int = 100
+    checkpoint_every: PosInt = 100
     """optimizer steps between resumable checkpoints"""
 
-    def __post_init__(self):
-        _check_batches(self)
-        _check_optim(self)
-        _require(0 < self.eval_fraction < 1, "eval_fraction", "must be in (0, 1)")
-        _require(self.max_length >= 8, "max_length", "must be >= 8")
-        _require(self.eval_every >= 1 and self.checkpoint_every >= 1, "eval_every", "intervals must be >= 1")
+    @model_validator(mode="after")
+    def _batches(self):
+        _divides(self, "batch_size", "micro_batch_size")
+        return self
 
 
-@dataclass(frozen=True)
+@_section
 class RewardConfig:
-    train_data: str = "prefs/rankings_train.jsonl"
+    train_data: Str = "prefs/rankings_train.jsonl"
     """comparisons: pairs or K-wise rankings (local path or hub name)"""
-    eval_data: str | None = "prefs/rankings_test.jsonl"
+    eval_data: Str | None = "prefs/rankings_test.jsonl"
     """held-out comparisons; null = hold out eval_fraction of train_data"""
-    eval_fraction: float = 0.1
+    eval_fraction: Share = 0.1
     """share of train_data held out when eval_data is null"""
     format: Literal["auto", "preference", "hh", "ranking"] = "auto"
     """row format of the data files"""
-    columns: dict[str, str] = field(default_factory=dict)
+    columns: Columns = field(default_factory=dict)
     """map the project's column names (prompt, chosen, rejected, responses, ranks) to the file's"""
     on_error: Literal["raise", "skip"] = "raise"
     """bad rows: stop with an error naming file/row/field, or skip them and write a report"""
     ranking_mode: Literal["grouped", "pairs"] = "grouped"
     """grouped: InstructGPT's way, all C(K,2) pairs of a prompt in one batch, one forward per response, weight
     1/C(K,2); pairs: every comparison as an independent example (the baseline)"""
-    init_from: str = "sft"
+    init_from: Str = "sft"
     """the reward model's trunk: "sft" (InstructGPT), "base", or a model dir / hub name"""
-    epochs: int = 1
-    """passes over the comparisons (1 avoids overfitting: InstructGPT, N+)"""
-    batch_size: int = 32
+    epochs: PosInt = 2
+    """passes over the comparisons (InstructGPT and N+ use 1 against overfitting; on the noisy demo labels 2 measured
+    0.91 gold accuracy vs 0.895, and PPO against the 1-epoch reward model beat SFT only half the time)"""
+    batch_size: PosInt = 16
     """comparisons (prompts in grouped mode) per optimizer step"""
-    micro_batch_size: int = 16
+    micro_batch_size: PosInt = 16
     """comparisons per backward pass; must divide batch_size"""
-    rows_per_forward: int = 8
+    rows_per_forward: NonNegInt = 8
     """responses per forward pass: a micro batch's responses run in length-sorted chunks of this many, each padded
     only to its own longest (same rewards and gradient as one forward, less compute on padding; 0 = one forward)"""
-    lr: float = 2e-4
+    lr: PosFloat = 5e-4
     """peak learning rate (AdamW)"""
-    warmup_ratio: float = 0.05
+    warmup_ratio: Ratio = 0.05
     """fraction of steps with linear warmup, then cosine decay to 0"""
-    weight_decay: float = 0.0
+    weight_decay: NonNegFloat = 0.0
     """AdamW weight decay"""
-    max_grad_norm: float = 1.0
+    max_grad_norm: PosFloat = 1.0
     """gradient clipping norm"""
-    max_length: int = 128
+    max_length: Annotated[Int, Field(ge=8)] = 128
     """prompt + response tokens"""
-    margin: float = 0.0
+    margin: NonNegFloat = 0.0
     """subtract this margin inside the Bradley-Terry sigmoid (0 = plain BT)"""
-    center_rewards_coef: float = 0.0
+    center_rewards_coef: NonNegFloat = 0.0
     """weight of the (r_w + r_l)^2 term that keeps rewards centred (0 = off; ~0.01 in TRL)"""
-    normalize_samples: int = 256
+    normalize_samples: NonNegInt = 256
     """SFT completions generated after training to set the bias so SFT outputs score mean 0 (0 = skip)"""
-    max_steps: int = 0
+    max_steps: NonNegInt = 0
     """stop after this many optimizer steps (0 = run all epochs; the LR schedule spans the steps that run)"""
-    eval_every: int = 50
+    eval_every: PosInt = 1000
     """optimizer steps between held-out evaluations"""
-    gold_eval: bool = True
+    checkpoint_every: PosInt = 100
+    """optimizer steps between resumable checkpoints"""
+    gold_eval: Bool = True
     """also measure held-out accuracy against the simulated labeler's gold ordering (meaningful on the demo data,
     which that labeler labelled; turn off for real human data)"""
 
-    def __post_init__(self):
-        _check_batches(self)
-        _check_optim(self)
-        _require(0 < self.eval_fraction < 1, "eval_fraction", "must be in (0, 1)")
-        _require(self.margin >= 0, "margin", "must be >= 0")
-        _require(self.center_rewards_coef >= 0, "center_rewards_coef", "must be >= 0")
-        _require(self.normalize_samples >= 0, "normalize_samples", "must be >= 0")
-        _require(self.rows_per_forward >= 0, "rows_per_forward", "must be >= 0")
-        _require(self.max_length >= 8, "max_length", "must be >= 8")
+    @model_validator(mode="after")
+    def _batches(self):
+        _divides(self, "batch_size", "micro_batch_size")
+        return self
 
 
-@dataclass(frozen=True)
+@_section
 class PPOConfig:
-    prompts: str = "rl/prompts.jsonl"
+    prompts: Str = "rl/prompts.jsonl"
     """prompts to roll out on (local path under base.data_dir, or a hub dataset name)"""
-    sample_prompts: str = "eval/prompts.jsonl"
+    sample_prompts: Str = "eval/prompts.jsonl"
     """held-out prompts for the table of sample completions written every sample_every updates"""
-    columns: dict[str, str] = field(default_factory=dict)
+    columns: Columns = field(default_factory=dict)
     """map the project's column names (prompt, messages) to the file's"""
-    updates: int = 60
+    updates: PosInt = 30
     """PPO iterations: each samples rollout_batch_size responses, then runs ppo_epochs over them"""
-    rollout_batch_size: int = 64
+    rollout_batch_size: PosInt = 64
     """prompts (= responses) per rollout batch"""
-    mini_batch_size: int = 16
+    mini_batch_size: PosInt = 16
     """responses per PPO optimizer step; must divide rollout_batch_size"""
-    micro_batch_size: int = 16
+    micro_batch_size: PosInt = 16
     """responses per forward/backward (gradient accumulation); must divide mini_batch_size"""
-    ppo_epochs: int = 4
+    ppo_epochs: PosInt = 4
     """passes over each rollout batch, minibatches reshuffled each pass"""
-    max_prompt_tokens: int = 48
+    max_prompt_tokens: PosInt = 48
     """prompts keep their last this-many tokens"""
-    response_length: int = 32
+    response_length: PosInt = 32
     """new tokens sampled per response at most"""
-    stop_at_eos: bool = True
+    stop_at_eos: Bool = True
     """end each response at its first EOS; false samples exactly response_length tokens (TRL's stop_token=None)"""
-    temperature: float = 0.7
+    temperature: PosFloat = 0.7
     """sampling temperature; log-probs are recomputed with the same temperature (N+ detail 3)"""
-    lr: float = 1e-4
+    lr: PosFloat = 1e-4
     """peak learning rate of policy and value model (AdamW, eps 1e-5)"""
     lr_schedule: Literal["linear", "constant"] = "linear"
     """linear: annealed to 0 over the run (N+ detail 12); constant: no decay, so the policy keeps moving to the end
     (over-optimization sweeps: snapshots spread along KL instead of piling up where the LR reaches 0)"""
-    weight_decay: float = 0.0
+    weight_decay: NonNegFloat = 0.0
     """AdamW weight decay"""
-    max_grad_norm: float = 1.0
+    max_grad_norm: PosFloat = 1.0
     """gradient clipping norm"""
-    kl_coef: float = 0.05
+    kl_coef: NonNegFloat = 0.05
     """beta: weight of the per-token KL penalty to the SFT policy (initial value when adaptive_kl is on)"""
     kl_estimator: Literal["k1", "k3"] = "k1"
     """per-token KL estimator in the reward: k1 = log pi - log pi_ref, k3 = (r - 1) - log r"""
-    adaptive_kl: bool = False
+    adaptive_kl: Bool = False
     """adapt beta towards kl_target (Ziegler et al. 2019)"""
-    kl_target: float = 6.0
+    kl_target: PosFloat = 6.0
     """target KL (nats per response) of the adaptive controller"""
-    kl_horizon: int = 10000
+    kl_horizon: PosInt = 10000
     """horizon (episodes) of the adaptive controller"""
-    gamma: float = 1.0
+    gamma: Unit = 1.0
     """discount factor of GAE"""
-    lam: float = 0.95
+    lam: Unit = 0.95
     """lambda of GAE"""
-    cliprange: float = 0.2
+    cliprange: PosFloat = 0.2
     """PPO clip range of the policy ratio"""
-    cliprange_value: float = 0.2
+    cliprange_value: PosFloat = 0.2
     """clip range of the value prediction around its old value"""
-    vf_coef: float = 0.1
+    vf_coef: NonNegFloat = 0.1
     """weight of the value loss"""
-    whiten_rewards: bool = False
+    whiten_rewards: Bool = False
     """whiten the per-token rewards of each batch before GAE (off by default: N+ detail 10)"""
-    reward_clip: float = 0.0
+    reward_clip: NonNegFloat = 0.0
     """clip reward-model scores to [-reward_clip, reward_clip] (0 = off)"""
     missing_eos: Literal["replace", "subtract", "none"] = "replace"
     """a response with no EOS: its score is replaced by -missing_eos_penalty (N+), or the penalty is subtracted (TRL)"""
-    missing_eos_penalty: float = 1.0
+    missing_eos_penalty: NonNegFloat = 1.0
     """size of the no-EOS penalty"""
     value_model: Literal["separate", "shared"] = "separate"
     """separate: a value model initialised from the reward model (N+); shared: a value head on the policy trunk"""
-    ptx_coef: float = 0.0
+    ptx_coef: NonNegFloat = 0.0
     """gamma of PPO-ptx: weight of the language-model loss on ptx_data mixed into every policy step (0 = plain PPO)"""
-    ptx_data: str = "sft/train.jsonl"
+    ptx_data: Str = "sft/train.jsonl"
     """demonstrations (prompt/completion or messages) or a {"text"} corpus for the PPO-ptx term"""
-    ptx_batch_size: int = 16
+    ptx_batch_size: PosInt = 16
     """examples per PPO-ptx batch"""
-    sample_every: int = 10
+    sample_every: PosInt = 10
     """updates between tables of sample completions on sample_prompts"""
-    n_samples: int = 8
+    n_samples: PosInt = 8
     """completions in each sample table"""
-    checkpoint_every: int = 1
+    checkpoint_every: PosInt = 1
     """updates between resumable checkpoints"""
-    snapshot_every: int = 0
+    snapshot_every: NonNegInt = 0
     """updates between saved policy snapshots for over-optimization curves (0 = none)"""
 
-    def __post_init__(self):
-        _check_optim(self)
-        for name in ("updates", "rollout_batch_size", "mini_batch_size", "micro_batch_size", "ppo_epochs",
-                     "max_prompt_tokens", "response_length", "ptx_batch_size", "sample_every", "n_samples",
-                     "checkpoint_every", "kl_horizon"):
-            _require(getattr(self, name) >= 1, name, "must be >= 1")
-        _require(self.rollout_batch_size % self.mini_batch_size == 0, "rollout_batch_size",
-                 f"{self.rollout_batch_size} does not divide into minibatches of {self.mini_batch_size}")
-        _require(self.mini_batch_size % self.micro_batch_size == 0, "mini_batch_size",
-                 f"{self.mini_batch_size} does not divide into micro batches of {self.micro_batch_size}")
-        _require(self.temperature > 0, "temperature", "must be > 0")
-        _require(self.kl_coef >= 0, "kl_coef", "must be >= 0")
-        _require(self.kl_target > 0, "kl_target", "must be > 0")
-        _require(0 <= self.gamma <= 1, "gamma", "must be in [0, 1]")
-        _require(0 <= self.lam <= 1, "lam", "must be in [0, 1]")
-        _require(self.cliprange > 0 and self.cliprange_value > 0, "cliprange", "clip ranges must be > 0")
-        _require(self.vf_coef >= 0 and self.ptx_coef >= 0, "vf_coef", "loss weights must be >= 0")
-        _require(self.reward_clip >= 0 and self.missing_eos_penalty >= 0, "reward_clip", "must be >= 0")
-        _require(self.snapshot_every >= 0, "snapshot_every", "must be >= 0")
+    @model_validator(mode="after")
+    def _batches(self):
+        _divides(self, "rollout_batch_size", "mini_batch_size")
+        _divides(self, "mini_batch_size", "micro_batch_size")
+        return self
 
     @property
     def n_minibatches(self) -> int:
         return self.rollout_batch_size // self.mini_batch_size
 
 
-@dataclass(frozen=True)
+@_section
 class EvalConfig:
-    prompts: str = "eval/prompts.jsonl"
+    prompts: Str = "eval/prompts.jsonl"
     """held-out prompts to evaluate on (local path under base.data_dir, or a hub dataset name)"""
-    columns: dict[str, str] = field(default_factory=dict)
+    columns: Columns = field(default_factory=dict)
     """map the project's column names (prompt, messages) to the file's"""
-    n_prompts: int = 300
+    n_prompts: PosInt = 300
     """evaluate on at most this many prompts (the first ones of the file)"""
-    batch_size: int = 64
+    batch_size: PosInt = 64
     """prompts per generation / scoring batch"""
-    bon_n: int = 16
+    bon_n: NonNegInt = 16
     """largest n of the best-of-n curve: bon_n samples per prompt from SFT, n = 1..bon_n (0 = no best-of-n)"""
-    bon_prompts: int = 100
+    bon_prompts: PosInt = 100
     """prompts of the best-of-n curve (the first ones of the evaluation prompts)"""
-    alarm_window: int = 3
+    alarm_window: Annotated[Int, Field(ge=2)] = 3
     """reward-hacking alarm: evaluations (snapshots) over which the proxy must rise while the gold falls"""
-    alarm_tolerance: float = 0.02
+    alarm_tolerance: NonNegFloat = 0.02
     """reward-hacking alarm: how far (gold units) the gold must fall below its running maximum"""
-    alarm_z: float = 2.0
+    alarm_z: NonNegFloat = 2.0
     """reward-hacking alarm: the fall must also exceed this many standard errors of the gold difference (0 = off)"""
-    n_side_by_side: int = 10
+    n_side_by_side: NonNegInt = 10
     """prompts in the report's side-by-side table of SFT and policy completions"""
 
-    def __post_init__(self):
-        for name in ("n_prompts", "batch_size", "bon_prompts"):
-            _require(getattr(self, name) >= 1, name, "must be >= 1")
-        _require(self.bon_n >= 0, "bon_n", "must be >= 0")
-        _require(self.n_side_by_side >= 0, "n_side_by_side", "must be >= 0")
-        _require(self.alarm_window >= 2, "alarm_window", "a slope needs >= 2 evaluations")
-        _require(self.alarm_tolerance >= 0 and self.alarm_z >= 0, "alarm_tolerance", "alarm thresholds must be >= 0")
 
-
-def _check_optim(c) -> None:
-    if hasattr(c, "max_steps"):
-        _require(c.max_steps >= 0, "max_steps", "must be >= 0")
-    _require(c.lr > 0, "lr", f"must be > 0, got {c.lr}")
-    _require(c.weight_decay >= 0, "weight_decay", "must be >= 0")
-    _require(c.max_grad_norm > 0, "max_grad_norm", "must be > 0")
-    if hasattr(c, "warmup_ratio"):
-        _require(0 <= c.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
-    if hasattr(c, "epochs"):
-        _require(c.epochs >= 1, "epochs", "must be >= 1")
-
-
-def _check_batches(c) -> None:
-    _require(c.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
-    _require(c.batch_size >= 1, "batch_size", "must be >= 1")
-    _require(c.batch_size % c.micro_batch_size == 0, "batch_size",
-             f"{c.batch_size} does not divide into micro batches of {c.micro_batch_size}")
-
-
-@dataclass(frozen=True)
+@_section
 class Config:
     base: BaseConfig = BaseConfig()
     data: DataConfig = DataConfig()
@@ -423,6 +402,14 @@ def _looks_like_hub_name(spec: str) -> bool:
     return spec.count("/") == 1 and "." not in spec.split("/")[-1]
 
 
+_ADAPTER = TypeAdapter(Config)
+
+
+def config_schema() -> dict:
+    """The JSON schema of params.yaml (types, bounds, defaults and each key's docs), e.g. for editor completion."""
+    return _ADAPTER.json_schema()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # loading
 
@@ -442,7 +429,28 @@ def load_config(path: str | Path = "params.yaml", *, profile: str | Path | None 
 
 
 def from_dict(raw: dict) -> Config:
-    return _build(Config, raw, prefix="")
+    """Validate a params mapping into a Config; the first problem found is raised as a ConfigError."""
+    if isinstance(raw, dict):  # an empty YAML section (`sft:` with everything commented out) reads as null
+        raw = {k: {} if v is None else v for k, v in raw.items()}
+    try:
+        return _ADAPTER.validate_python(raw)
+    except ValidationError as e:
+        raise _config_error(e.errors()[0]) from None
+
+
+def _config_error(err: dict) -> ConfigError:
+    loc = [str(p) for p in err["loc"]]
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, ConfigError):  # a cross-field rule, raised inside its section
+        return ConfigError(".".join([*loc, cause.key]), cause.reason)
+    key = ".".join(loc) or "<root>"
+    if err["type"] == "unexpected_keyword_argument":
+        node = Config()
+        for name in loc[:-1]:
+            node = getattr(node, name)
+        known = ", ".join(sorted(f.name for f in dataclasses.fields(node)))
+        return ConfigError(key, f"unknown key (known: {known})")
+    return ConfigError(key, f"{err['msg']}, got {err['input']!r}")
 
 
 def to_dict(cfg) -> dict:
@@ -471,74 +479,14 @@ def _set_dotted(raw: dict, key: str, value) -> None:
     *parents, last = key.split(".")
     node = raw
     for p in parents:
-        node = node.setdefault(p, {})
+        if node.get(p) is None:
+            node[p] = {}
+        node = node[p]
         if not isinstance(node, dict):
             raise ConfigError(key, f"{p} is not a section")
     node[last] = value
 
 
-def _build(cls, raw, prefix: str):
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(prefix.rstrip(".") or "<root>", f"expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in names:
-            raise ConfigError(f"{prefix}{key}", f"unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for key, value in raw.items():
-        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{prefix}{e.key}", e.reason) from None
-
-
-def _coerce(tp, value, key: str):
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, prefix=key + ".")
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(key, f"must be one of {list(args)}, got {value!r}")
-        return value
-    if origin is dict:
-        kt, vt = args
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a mapping, got {type(value).__name__}")
-        return {_coerce(kt, k, f"{key}.{k}"): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string; accept what float() accepts
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(key, f"expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(key, f"expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(key, f"expected a string, got {value!r}")
-        return value
-    raise ConfigError(key, f"unsupported config type {tp}")  # a bug in this module, not in the user's file
-
-
 def dump_params(cfg: Config) -> str:
     """The full resolved config as YAML (logged beside every run)."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-

@@ -6,8 +6,10 @@ topics (happy news and troubles) and replies from six quality tiers (`TIERS`), a
 so a model of a few million parameters can learn the language in minutes on a CPU.
 
     from pathlib import Path
+    from rlhf_core.config import DataConfig
     from rlhf_core.demo_data import generate
     paths = generate(Path("data/demo"), seed=0)   # ~7 s on 2 CPU cores; same seed, same bytes
+    paths = generate(Path("data/tiny"), data=DataConfig(pretrain_docs=400, sft_train=300))  # the `data` section's keys
 
 Dialogue format (HH-RLHF style): prompt = "\\n\\nHuman: {message}\\n\\nAssistant:", response = " {reply}".
 Held-out: the user messages of eval/prompts.jsonl appear in no other file.
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rlhf_core.config import DataConfig
 from rlhf_core.io import write_jsonl, write_text
 from rlhf_core.labeler import SimulatedLabeler, preference_probability, stem, words
 
@@ -32,32 +35,8 @@ _SFT_MIX = {"great": 0.3, "good": 0.5, "neutral": 0.2}  # decent but not optimal
 COMPARE_MIX = {"great": 0.2, "good": 0.2, "neutral": 0.15, "negative": 0.15, "off_topic": 0.15, "degenerate": 0.15}
 
 
-@dataclass(frozen=True)
-class DemoSizes:
-    """How many rows each file gets."""
-
-    pretrain: int = 20_000
-    """pretraining documents (general sentences and whole dialogues of any reply tier)"""
-    sft_train: int = 4_000
-    """SFT demonstrations for training"""
-    sft_test: int = 400
-    """SFT demonstrations for validation"""
-    rankings_train: int = 2_000
-    """prompts with K ranked responses for reward-model training"""
-    rankings_test: int = 300
-    """prompts with K ranked responses for reward-model validation"""
-    pairs_train: int = 2_000
-    """pairwise comparisons for reward-model training"""
-    pairs_test: int = 300
-    """pairwise comparisons for reward-model validation"""
-    rl_prompts: int = 2_000
-    """prompts for PPO rollouts"""
-    eval_prompts: int = 300
-    """held-out prompts for evaluation (their messages appear nowhere else)"""
-    k: int = 4
-    """responses per ranked prompt"""
-    heldout_fraction: float = 0.1
-    """share of all distinct user messages reserved for evaluation"""
+HELDOUT_FRACTION = 0.1
+"""share of all distinct user messages reserved for evaluation (they appear in no other file)"""
 
 
 @dataclass(frozen=True)
@@ -299,19 +278,15 @@ def sample_responses(
     return replies
 
 
-def generate(
-    out_dir: Path,
-    *,
-    seed: int = 0,
-    sizes: DemoSizes = DemoSizes(),
-    labeler: SimulatedLabeler = SimulatedLabeler(),  # noqa: B008 (frozen, so a shared default is safe)
-) -> dict[str, Path]:
-    """Write the demo data set under `out_dir` and return the written paths by name; same seed, same bytes."""
+def generate(out_dir: Path, *, seed: int = 0, data: DataConfig = DataConfig()) -> dict[str, Path]:  # noqa: B008 (frozen)
+    """Write the demo data set under `out_dir`, sized by `data` (params.yaml's `data` section), and return the written
+    paths by name; same seed and sizes, same bytes."""
     out_dir = Path(out_dir)
+    labeler = SimulatedLabeler() if data.labeler_temperature is None else SimulatedLabeler(data.labeler_temperature)
     rngs = iter(np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8))  # one stream per file family
     all_messages = messages()
     order = next(rngs).permutation(len(all_messages))
-    n_heldout = round(sizes.heldout_fraction * len(all_messages))
+    n_heldout = round(HELDOUT_FRACTION * len(all_messages))
     heldout = [all_messages[i] for i in order[:n_heldout]]
     train = [all_messages[i] for i in order[n_heldout:]]
 
@@ -320,7 +295,7 @@ def generate(
 
     rng = next(rngs)
     pretrain = []
-    for _ in range(sizes.pretrain):
+    for _ in range(data.pretrain_docs):
         if rng.random() < 0.5:
             pretrain.append({"text": " ".join(_sentence(rng) for _ in range(int(rng.integers(1, 3))))})
         else:
@@ -334,7 +309,7 @@ def generate(
     def ranking_rows(rng, n):
         rows = []
         for i, m in draw(rng, train, n):
-            responses = sample_responses(rng, i, m, sizes.k)
+            responses = sample_responses(rng, i, m, data.k)
             rows.append({"prompt": prompt_of(m), "responses": responses, "ranks": labeler.rank(prompt_of(m), responses, rng)})
         return rows
 
@@ -349,21 +324,21 @@ def generate(
     rankings_rng, pairs_rng, sft_rng, prompts_rng = next(rngs), next(rngs), next(rngs), next(rngs)
     tables = {
         "pretrain": ("pretrain.jsonl", pretrain),
-        "sft_train": ("sft/train.jsonl", sft_rows(sft_rng, sizes.sft_train)),
-        "sft_test": ("sft/test.jsonl", sft_rows(sft_rng, sizes.sft_test)),
-        "rankings_train": ("prefs/rankings_train.jsonl", ranking_rows(rankings_rng, sizes.rankings_train)),
-        "rankings_test": ("prefs/rankings_test.jsonl", ranking_rows(rankings_rng, sizes.rankings_test)),
-        "pairs_train": ("prefs/pairs_train.jsonl", pair_rows(pairs_rng, sizes.pairs_train)),
-        "pairs_test": ("prefs/pairs_test.jsonl", pair_rows(pairs_rng, sizes.pairs_test)),
+        "sft_train": ("sft/train.jsonl", sft_rows(sft_rng, data.sft_train)),
+        "sft_test": ("sft/test.jsonl", sft_rows(sft_rng, data.sft_test)),
+        "rankings_train": ("prefs/rankings_train.jsonl", ranking_rows(rankings_rng, data.rankings_train)),
+        "rankings_test": ("prefs/rankings_test.jsonl", ranking_rows(rankings_rng, data.rankings_test)),
+        "pairs_train": ("prefs/pairs_train.jsonl", pair_rows(pairs_rng, data.pairs_train)),
+        "pairs_test": ("prefs/pairs_test.jsonl", pair_rows(pairs_rng, data.pairs_test)),
         "rl_prompts": ("rl/prompts.jsonl", [{"prompt": prompt_of(m)} for _, m in
-                                            draw(prompts_rng, train, sizes.rl_prompts, replace=False)]),
+                                            draw(prompts_rng, train, data.rl_prompts, replace=False)]),
         "eval_prompts": ("eval/prompts.jsonl", [{"prompt": prompt_of(m)} for _, m in
-                                                draw(prompts_rng, heldout, sizes.eval_prompts, replace=False)]),
+                                                draw(prompts_rng, heldout, data.eval_prompts, replace=False)]),
     }
     paths = {name: write_jsonl(out_dir / rel, rows) for name, (rel, rows) in tables.items()}
     agreement = label_agreement(labeler, tables["pairs_train"][1] + tables["pairs_test"][1])
     sft_gold = float(np.mean([labeler.score(r["prompt"], r["completion"]) for r in tables["sft_train"][1]]))
-    paths["readme"] = write_text(out_dir / "README.md", _readme(seed, sizes, labeler, agreement, sft_gold))
+    paths["readme"] = write_text(out_dir / "README.md", _readme(seed, data, labeler, agreement, sft_gold))
     return paths
 
 
@@ -376,7 +351,7 @@ def label_agreement(labeler: SimulatedLabeler, pairs: list[dict]) -> dict[str, f
             "expected": float(np.mean(expected)) if len(gaps) else float("nan"), "pairs": len(gaps)}  # fmt: skip
 
 
-def _readme(seed: int, sizes: DemoSizes, labeler: SimulatedLabeler, agreement: dict[str, float], sft_gold: float) -> str:
+def _readme(seed: int, data: DataConfig, labeler: SimulatedLabeler, agreement: dict[str, float], sft_gold: float) -> str:
     sft_mix = ", ".join(f"{tier} {share:.0%}" for tier, share in _SFT_MIX.items())
     return f"""# Demo data
 
@@ -384,15 +359,15 @@ Generated by `rlhf_core.demo_data.generate` with seed {seed}: a small assistant 
 {len(_TOPICS)} everyday topics, happy news and troubles. Prompt = "\\n\\nHuman: {{message}}\\n\\nAssistant:",
 response = " {{reply}}". Replies come from the quality tiers {", ".join(TIERS)}.
 
-- `pretrain.jsonl` ({sizes.pretrain} rows, `text`): domain sentences and whole dialogues with replies of every tier.
-- `sft/train.jsonl`, `sft/test.jsonl` ({sizes.sft_train}, {sizes.sft_test} rows, `prompt`, `completion`): demonstrations,
+- `pretrain.jsonl` ({data.pretrain_docs} rows, `text`): domain sentences and whole dialogues with replies of every tier.
+- `sft/train.jsonl`, `sft/test.jsonl` ({data.sft_train}, {data.sft_test} rows, `prompt`, `completion`): demonstrations,
   {sft_mix}; mean gold {sft_gold:.3f} (great replies score higher: there is headroom for RL).
-- `prefs/rankings_train.jsonl`, `prefs/rankings_test.jsonl` ({sizes.rankings_train}, {sizes.rankings_test} rows, `prompt`,
-  `responses`, `ranks`): {sizes.k} distinct responses per prompt, ranks 1 = best, one Plackett–Luce draw.
-- `prefs/pairs_train.jsonl`, `prefs/pairs_test.jsonl` ({sizes.pairs_train}, {sizes.pairs_test} rows, `prompt`, `chosen`,
+- `prefs/rankings_train.jsonl`, `prefs/rankings_test.jsonl` ({data.rankings_train}, {data.rankings_test} rows, `prompt`,
+  `responses`, `ranks`): {data.k} distinct responses per prompt, ranks 1 = best, one Plackett–Luce draw.
+- `prefs/pairs_train.jsonl`, `prefs/pairs_test.jsonl` ({data.pairs_train}, {data.pairs_test} rows, `prompt`, `chosen`,
   `rejected`): one Bradley–Terry draw each.
-- `rl/prompts.jsonl` ({sizes.rl_prompts} rows, `prompt`): prompts for RL rollouts.
-- `eval/prompts.jsonl` ({sizes.eval_prompts} rows, `prompt`): user messages held out from every other file.
+- `rl/prompts.jsonl` ({data.rl_prompts} rows, `prompt`): prompts for RL rollouts.
+- `eval/prompts.jsonl` ({data.eval_prompts} rows, `prompt`): user messages held out from every other file.
 
 Labels come from `rlhf_core.labeler.SimulatedLabeler` with temperature {labeler.temperature}: P(a ≻ b) = σ((g_a − g_b)/T) on
 the gold score (VADER sentiment + relevance − repetition − copy − length terms). On the {agreement["pairs"]} comparisons

@@ -1,5 +1,6 @@
 """The demo data set: byte-stable, held-out eval messages, the schema every stage reads, and headroom above SFT."""
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -7,11 +8,12 @@ import re
 import numpy as np
 import pytest
 
-from rlhf_core.demo_data import DemoSizes, generate, messages
+from rlhf_core.config import DataConfig
+from rlhf_core.demo_data import generate, messages
 from rlhf_core.labeler import SimulatedLabeler, user_message, words
 
-SIZES = DemoSizes(pretrain=400, sft_train=300, sft_test=50, rankings_train=300, rankings_test=50, pairs_train=300,
-                  pairs_test=50, rl_prompts=200, eval_prompts=100)  # fmt: skip
+SIZES = DataConfig(pretrain_docs=400, sft_train=300, sft_test=50, rankings_train=300, rankings_test=50, pairs_train=300,
+                   pairs_test=50, rl_prompts=200, eval_prompts=100)  # fmt: skip
 LAB = SimulatedLabeler()
 
 
@@ -25,14 +27,14 @@ def _digests(paths):
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    return generate(tmp_path_factory.mktemp("demo"), seed=0, sizes=SIZES)
+    return generate(tmp_path_factory.mktemp("demo"), seed=0, data=SIZES)
 
 
 def test_same_seed_same_bytes(paths, tmp_path, capsys):
-    again = generate(tmp_path / "again", seed=0, sizes=SIZES)
+    again = generate(tmp_path / "again", seed=0, data=SIZES)
     assert capsys.readouterr().out == ""
     assert _digests(again) == _digests(paths)
-    other = _digests(generate(tmp_path / "other", seed=1, sizes=SIZES))
+    other = _digests(generate(tmp_path / "other", seed=1, data=SIZES))
     assert other["pretrain"] != _digests(paths)["pretrain"] and other["pairs_train"] != _digests(paths)["pairs_train"]
 
 
@@ -65,6 +67,15 @@ def test_schema(paths):
         assert all(set(r) == {"prompt"} and prompt.fullmatch(r["prompt"]) for r in _rows(paths[name]))
     readme = paths["readme"].read_text()
     assert "seed 0" in readme and f"temperature {LAB.temperature}" in readme
+
+
+def test_data_section_sets_the_labeler_noise(paths, tmp_path):
+    noisy = generate(tmp_path, seed=0, data=dataclasses.replace(SIZES, labeler_temperature=4.0))
+    assert "temperature 4.0" in noisy["readme"].read_text()
+
+    def agreement(p):
+        return np.mean([LAB.score(r["prompt"], r["chosen"]) > LAB.score(r["prompt"], r["rejected"]) for r in _rows(p)])
+    assert agreement(noisy["pairs_train"]) < agreement(paths["pairs_train"]) - 0.1  # labels near coin flips at T=4
 
 
 def test_messages_are_short_and_the_vocabulary_small(paths):

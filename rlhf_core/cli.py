@@ -27,38 +27,55 @@ STAGES = ("data", "pretrain", "sft", "reward", "ppo", "evaluate")
 
 
 def run_stage(cfg: Config, stage: str, sink=None):
-    """Run one stage with its inputs taken from the previous stages' standard output locations."""
+    """Run one stage with its inputs taken from the previous stages' standard output locations, holding the stage's
+    output directory for itself (a second run on the same directory is refused, naming the holder)."""
+    from rlhf_core.io import exclusive_lock
     from rlhf_core.training import null_sink
 
-    sink = sink or null_sink
-    out = cfg.stage_dir(stage)
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
     if stage == "data":
         return generate_demo_data(cfg)
+    out = cfg.stage_dir(stage)
+    with exclusive_lock(out / ".lock", f"the {stage} output directory {out}"):
+        return _run(cfg, stage, out, sink or null_sink)
+
+
+def _run(cfg: Config, stage: str, out: Path, sink):
+    from rlhf_core.labeler import SimulatedLabeler
+    from rlhf_core.models import base_model_path
+
+    sft_model, reward_model = str(cfg.stage_dir("sft") / "model"), str(cfg.stage_dir("reward") / "model")
     if stage == "pretrain":
         from rlhf_core.pretrain import pretrain
         return pretrain(cfg, out, sink)
-    from rlhf_core.pretrain import base_model_path
-    sft_model = str(cfg.stage_dir("sft") / "model")
     if stage == "sft":
         from rlhf_core.sft import train_sft
         return train_sft(cfg, base_model_path(cfg), out, sink)
     if stage == "reward":
-        from rlhf_core.labeler import SimulatedLabeler
         from rlhf_core.reward import train_reward
         init = {"sft": sft_model, "base": base_model_path(cfg)}.get(cfg.reward.init_from, cfg.reward.init_from)
         gold = SimulatedLabeler() if cfg.reward.gold_eval else None
         return train_reward(cfg, init, sft_model, out, sink, gold=gold)
     if stage == "ppo":
-        from rlhf_core.labeler import SimulatedLabeler
         from rlhf_core.ppo import train_ppo
-        return train_ppo(cfg, sft_model, str(cfg.stage_dir("reward") / "model"), out, sink, gold=SimulatedLabeler())
-    if stage == "evaluate":
-        from rlhf_core.evaluate import evaluate
-        from rlhf_core.labeler import SimulatedLabeler
-        ppo = cfg.stage_dir("ppo")
-        return evaluate(cfg, sft_model, str(cfg.stage_dir("reward") / "model"), {"policy": ppo / "model"}, out, sink,
-                        gold=SimulatedLabeler(), snapshots=ppo / "snapshots")
-    raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+        return train_ppo(cfg, sft_model, reward_model, out, sink, gold=SimulatedLabeler())
+    from rlhf_core.evaluate import evaluate
+    ppo = cfg.stage_dir("ppo")
+    return evaluate(cfg, sft_model, reward_model, {"policy": ppo / "model"}, out, sink, gold=SimulatedLabeler(),
+                    snapshots=ppo / "snapshots")
+
+
+def stage_inputs(cfg: Config, stage: str) -> dict:
+    """The data a stage reads, as the stage itself declares it ({"sft.train_data": loaders.DataInput, ...}); the
+    `data` stage reads what every later stage reads."""
+    from rlhf_core import evaluate, ppo, pretrain, reward, sft
+
+    declared = {"pretrain": pretrain.inputs, "sft": sft.inputs, "reward": reward.inputs, "ppo": ppo.inputs,
+                "evaluate": evaluate.inputs}
+    if stage == "data":
+        return {k: v for inputs in declared.values() for k, v in inputs(cfg).items()}
+    return declared[stage](cfg)
 
 
 def generate_demo_data(cfg: Config):

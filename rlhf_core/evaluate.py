@@ -29,13 +29,13 @@ import numpy as np
 import torch
 
 from rlhf_core import io, loaders, overopt, runtime
+from rlhf_core.batching import batched
 from rlhf_core.config import Config
+from rlhf_core.forwards import decode_responses, ppo_proxy, response_logprobs, sample_as_ppo
 from rlhf_core.labeler import SimulatedLabeler, words
 from rlhf_core.losses import token_logprobs
 from rlhf_core.models import load_causal_lm, load_reward_model, load_tokenizer
-from rlhf_core.ppo import response_logprobs, sample_responses, score_responses
-from rlhf_core.sampling import decode_responses, encode_prompts
-from rlhf_core.training import MetricsSink, StageResult, batched, null_sink, progress, write_metrics
+from rlhf_core.training import MetricsSink, StageResult, null_sink, progress, write_metrics
 
 
 @dataclass
@@ -51,32 +51,30 @@ class Samples:
     has_eos: np.ndarray         # (N,) the response ended with EOS within response_length
 
 
-def sequence_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, context: int, responses: torch.Tensor,
-                      response_mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log p(response | prompt) summed over kept tokens, at the sampling temperature (N+ detail 3): (B,)."""
-    return (response_logprobs(model, ids, mask, context, responses, temperature) * response_mask).sum(1)
+def inputs(cfg: Config) -> dict[str, loaders.DataInput]:
+    """The data this stage reads, and how: the data stage, lineage and the stage itself use this one definition."""
+    e = cfg.evaluate
+    return loaders.declare(cfg, {"evaluate.prompts": e.prompts}, loaders.load_prompts, columns=e.columns or None)
 
 
 @torch.no_grad()
-def sample(model, ref, rm, tok, prompts: list[str], cfg: Config, gold, seed: int) -> Samples:
+def sample_and_score(model, ref, rm, tok, prompts: list[str], cfg: Config, gold, seed: int) -> Samples:
     """1. sample one response per prompt as PPO does, 2. log-probs under the model and SFT, 3. proxy and gold."""
-    p, device = cfg.ppo, next(model.parameters()).device
+    p = cfg.ppo
     torch.manual_seed(seed)
     model.eval()
     texts, cols = [], {k: [] for k in ("proxy", "logprobs", "ref_logprobs", "lengths", "has_eos")}
     for chunk in batched(prompts, cfg.evaluate.batch_size):
-        queries, qmask = encode_prompts(tok, chunk, p.max_prompt_tokens, device)
-        q = queries.shape[1]
-        responses, rmask, has_eos, logits = sample_responses(model, tok, queries, qmask, p)
-        ids, mask = torch.cat([queries, responses], 1), torch.cat([qmask, rmask], 1)          # (B, Q + R)
-        logp = (token_logprobs(logits, responses, p.temperature) * rmask).sum(1)              # (B,) from the sampler
-        del logits
-        ref_logp = logp if ref is model else sequence_logprobs(ref, ids, mask, q, responses, rmask, p.temperature)
-        last = q + rmask.sum(1) - 1                                                           # (B,)
-        for k, v in (("proxy", score_responses(rm, ids, mask, last, has_eos, p)), ("logprobs", logp),
-                     ("ref_logprobs", ref_logp), ("lengths", rmask.sum(1)), ("has_eos", has_eos)):
+        c = sample_as_ppo(model, tok, chunk, p, keep_logits=True)
+        rmask, q = c.response_mask, c.queries.shape[1]
+        logp = (token_logprobs(c.logits, c.responses, p.temperature) * rmask).sum(1)          # (B,) from the sampler
+        c.logits = None
+        ref_logp = logp if ref is model else (response_logprobs(ref, c.input_ids, c.attention_mask, q, c.responses,
+                                                                 p.temperature) * rmask).sum(1)  # (B,)
+        for k, v in (("proxy", ppo_proxy(rm, c, p)), ("logprobs", logp), ("ref_logprobs", ref_logp),
+                     ("lengths", rmask.sum(1)), ("has_eos", c.has_eos)):
             cols[k].append(v.cpu())
-        texts.extend(decode_responses(tok, responses))
+        texts.extend(decode_responses(tok, c.responses))
     arrays = {k: torch.cat(v).double().numpy() for k, v in cols.items()}
     return Samples(texts, gold=np.array(gold.score_batch(prompts, texts), dtype=np.float64), **arrays)
 
@@ -126,7 +124,7 @@ def best_of_n_curve(ref, rm, tok, prompts: list[str], cfg: Config, gold, seed: i
     """Best-of-n from SFT for n = 1..bon_n: bon_n samples per prompt drawn once, the proxy-best of n picked by the
     unbiased all-subsets estimator; d = sqrt(KL_bon(n)), proxy and gold relative to n = 1 (the SFT mean)."""
     big_n, prompts = cfg.evaluate.bon_n, prompts[:cfg.evaluate.bon_prompts]
-    s = sample(ref, ref, rm, tok, [p for p in prompts for _ in range(big_n)], cfg, gold, seed)
+    s = sample_and_score(ref, ref, rm, tok, [p for p in prompts for _ in range(big_n)], cfg, gold, seed)
     proxy, golds = s.proxy.reshape(len(prompts), big_n), s.gold.reshape(len(prompts), big_n)  # (P, N)
     rows = []
     for n in range(1, big_n + 1):
@@ -181,11 +179,7 @@ def evaluate(cfg: Config, sft_model: str, reward_model: str, policies: dict[str,
     tok = load_tokenizer(sft_model)
     ref = load_causal_lm(sft_model, tok).to(device).eval().requires_grad_(False)
     rm = load_reward_model(reward_model).to(device).eval().requires_grad_(False)
-    prompts = loaders.load_prompts(cfg.data_path(e.prompts), columns=e.columns or None)
-    if len(prompts) < e.n_prompts:
-        print(f"evaluate: {e.prompts} holds {len(prompts)} prompts, fewer than evaluate.n_prompts = {e.n_prompts}; "
-              f"evaluating on all {len(prompts)}", file=sys.stderr)
-    prompts = prompts[:e.n_prompts]
+    prompts = evaluation_prompts(cfg)
     snaps = sorted(Path(snapshots).glob("update_*")) if snapshots else []
     models = {"sft": sft_model, **{str(k): str(v) for k, v in policies.items()},
               **{f"snapshot_{p.name}": str(p) for p in snaps}}
@@ -195,11 +189,11 @@ def evaluate(cfg: Config, sft_model: str, reward_model: str, policies: dict[str,
     results: dict[str, Samples] = {}
     for name, path in models.items():
         model = ref if name == "sft" else load_causal_lm(path, tok).to(device).requires_grad_(False)
-        results[name] = sample(model, ref, rm, tok, prompts, cfg, gold, cfg.base.seed)
+        results[name] = sample_and_score(model, ref, rm, tok, prompts, cfg, gold, cfg.base.seed)
         bar.update(1)
     base = results["sft"]
     # an independent SFT sample to win against: common random numbers would make a policy near SFT tie with it
-    rival = sample(ref, ref, rm, tok, prompts, cfg, gold, cfg.base.seed + 1)
+    rival = sample_and_score(ref, ref, rm, tok, prompts, cfg, gold, cfg.base.seed + 1)
     bar.update(1)
     metrics = {k: v for name in (*policies, "sft")
                for k, v in summarize(str(name), results[str(name)], base, rival).items()}
@@ -212,29 +206,13 @@ def evaluate(cfg: Config, sft_model: str, reward_model: str, policies: dict[str,
     bon_rows = best_of_n_curve(ref, rm, tok, prompts, cfg, gold, cfg.base.seed) if e.bon_n > 0 else []
     bar.update(e.bon_n > 0)
     bar.close()
-    fits = {"rl": fit_curve(rl_rows, "rl") if snaps else None, "bon": fit_curve(bon_rows, "bon")}
-    for form, fit in fits.items():
-        metrics.update(fit_metrics(f"overopt/{form}", fit))
-    if snaps:
-        metrics.update({f"overopt/rl_{k}": v for k, v in proxy_spearman(rl_rows).items()})
-    alarm = None
-    if snaps:
-        alarm = overopt.hacking_alarm([r["proxy"] for r in rl_rows], [r["gold"] for r in rl_rows], e.alarm_window,
-                                      e.alarm_tolerance, [r["gold_se"] for r in rl_rows], e.alarm_z)
-        metrics["hacking_alarm"] = int(alarm["alarm"])
-        metrics["hacking_alarm_update"] = rl_rows[alarm["first"]]["update"] if alarm["alarm"] else -1
+    if not snaps:
+        rl_rows = []
+    fits, alarm, overopt_metrics = overoptimization(rl_rows, bon_rows, e)
+    metrics.update(overopt_metrics)
 
     # 4. outputs (curves of an earlier run with snapshots must not outlive it)
-    plots = out_dir / "plots"
-    shutil.rmtree(plots, ignore_errors=True)
-    if snaps:
-        write_csv(plots / "overopt_rl.csv", rl_rows)
-    if bon_rows:
-        write_csv(plots / "overopt_bon.csv", bon_rows)
-    if snaps or bon_rows:
-        plot_overopt([("RL (PPO snapshots)", rl_rows if snaps else [], fits["rl"]),
-                      ("best-of-n", bon_rows, fits["bon"])], plots / "overopt.png",
-                     f"Reward over-optimization (gold relative to SFT, {len(prompts)} prompts)")
+    outputs = write_curves(out_dir / "plots", rl_rows, bon_rows, fits, len(prompts))
     write_csv(out_dir / "completions.csv", [
         {"model": name, "prompt_index": i, "prompt": prompts[i], "completion": s.texts[i],
          "proxy": s.proxy[i], "gold": s.gold[i], "kl": s.logprobs[i] - s.ref_logprobs[i], "length": int(s.lengths[i])}
@@ -244,11 +222,49 @@ def evaluate(cfg: Config, sft_model: str, reward_model: str, policies: dict[str,
     metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
     sink(metrics, 0)
     write_metrics(out_dir / "metrics.json", metrics)
-    outputs = {"metrics": out_dir / "metrics.json", "report": out_dir / "report.md",
-               "completions": out_dir / "completions.csv"}
-    if snaps or bon_rows:
-        outputs["plots"] = plots
-    return StageResult(outputs, metrics)
+    return StageResult({"metrics": out_dir / "metrics.json", "report": out_dir / "report.md",
+                        "completions": out_dir / "completions.csv", **outputs}, metrics)
+
+
+def evaluation_prompts(cfg: Config) -> list[str]:
+    """The first evaluate.n_prompts prompts (all of them, said on stderr, when the file holds fewer)."""
+    e = cfg.evaluate
+    prompts = inputs(cfg)["evaluate.prompts"].load()
+    if len(prompts) < e.n_prompts:
+        print(f"evaluate: {e.prompts} holds {len(prompts)} prompts, fewer than evaluate.n_prompts = {e.n_prompts}; "
+              f"evaluating on all {len(prompts)}", file=sys.stderr)
+    return prompts[:e.n_prompts]
+
+
+def overoptimization(rl_rows: list[dict], bon_rows: list[dict], e) -> tuple[dict, dict | None, dict[str, float]]:
+    """Gao et al.'s fits of the RL curve (snapshots; empty = none) and of best-of-n, the proxy's rank correlation
+    with d, and the reward-hacking alarm: (fits, alarm or None, metrics)."""
+    fits = {"rl": fit_curve(rl_rows, "rl") if rl_rows else None, "bon": fit_curve(bon_rows, "bon")}
+    metrics: dict[str, float] = {}
+    for form, fit in fits.items():
+        metrics.update(fit_metrics(f"overopt/{form}", fit))
+    if not rl_rows:
+        return fits, None, metrics
+    metrics.update({f"overopt/rl_{k}": v for k, v in proxy_spearman(rl_rows).items()})
+    alarm = overopt.hacking_alarm([r["proxy"] for r in rl_rows], [r["gold"] for r in rl_rows], e.alarm_window,
+                                  e.alarm_tolerance, [r["gold_se"] for r in rl_rows], e.alarm_z)
+    metrics["hacking_alarm"] = int(alarm["alarm"])
+    metrics["hacking_alarm_update"] = rl_rows[alarm["first"]]["update"] if alarm["alarm"] else -1
+    return fits, alarm, metrics
+
+
+def write_curves(plots: Path, rl_rows: list[dict], bon_rows: list[dict], fits: dict, n_prompts: int) -> dict[str, Path]:
+    """plots/overopt_{rl,bon}.csv (for `dvc plots`) and plots/overopt.png; an earlier run's curves are removed first."""
+    shutil.rmtree(plots, ignore_errors=True)
+    if rl_rows:
+        write_csv(plots / "overopt_rl.csv", rl_rows)
+    if bon_rows:
+        write_csv(plots / "overopt_bon.csv", bon_rows)
+    if not (rl_rows or bon_rows):
+        return {}
+    plot_overopt([("RL (PPO snapshots)", rl_rows, fits["rl"]), ("best-of-n", bon_rows, fits["bon"])],
+                 plots / "overopt.png", f"Reward over-optimization (gold relative to SFT, {n_prompts} prompts)")
+    return {"plots": plots}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -39,7 +40,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    with _loading(path, "tokenizer"):
+        tok = AutoTokenizer.from_pretrained(path)
     return ensure_pad_token(tok)
 
 
@@ -99,10 +101,28 @@ def fit_to_tokenizer(model: nn.Module, tok) -> nn.Module:
     return model
 
 
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer that cannot be loaded: the message names the path and what to do."""
+
+
+@contextlib.contextmanager
+def _loading(path: str, what: str):
+    """Turn whatever a failed load raises (a truncated safetensors file, a missing config, ...) into ModelLoadError
+    naming the path: without it the error names neither the file nor the way out."""
+    try:
+        yield
+    except Exception as e:
+        hint = ("it is a stage output: rerun the stage that wrote it (e.g. `dvc repro -f <stage>` or "
+                "`python -m rlhf_core <stage>`)" if Path(path).exists() else
+                "check the name (a hub model needs the hub or a local copy; HF_HUB_OFFLINE is set by the flows)")
+        raise ModelLoadError(f"cannot load the {what} at {path}: {type(e).__name__}: {str(e)[:300]}; {hint}") from e
+
+
 def load_causal_lm(path: str, tok=None, dtype: torch.dtype = torch.float32) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    with _loading(path, "causal LM"):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if tok is not None:
         fit_to_tokenizer(model, tok)
     return fuse_activations(disable_dropout(model))
@@ -112,9 +132,10 @@ def reward_model_from_lm(path: str, tok, dtype: torch.dtype = torch.float32) -> 
     """A sequence classifier with one output on the trunk of a causal LM; head ~ N(0, 1/sqrt(d+1)) (N+ detail 6)."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    with _loading(path, "model (reward-model trunk)"):
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
     fit_to_tokenizer(model, tok)
-    head = _score_head(model)
+    head = score_head(model)
     nn.init.normal_(head.weight, std=1.0 / math.sqrt(head.in_features + 1))
     if head.bias is not None:
         nn.init.zeros_(head.bias)
@@ -124,10 +145,13 @@ def reward_model_from_lm(path: str, tok, dtype: torch.dtype = torch.float32) -> 
 def load_reward_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
 
-    return fuse_activations(disable_dropout(AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)))
+    with _loading(path, "reward model"):
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+    return fuse_activations(disable_dropout(model))
 
 
-def _score_head(model: nn.Module) -> nn.Linear:
+def score_head(model: nn.Module) -> nn.Linear:
+    """The linear scalar head of a reward or value model (`score`, `classifier` or `v_head`)."""
     for name in ("score", "classifier", "v_head"):
         head = getattr(model, name, None)
         if isinstance(head, nn.Linear):
@@ -152,7 +176,7 @@ def shift_reward(model: nn.Module, delta: float) -> str:
     head's bias if there is one, else into the final LayerNorm's bias along the head's direction (w.h' = w.h + delta
     with h' = h + delta.w/|w|^2; exact, and only the head reads that hidden state). Returns where it went.
     """
-    head = _score_head(model)
+    head = score_head(model)
     if head.bias is not None:
         head.bias += delta
         return "head.bias"
@@ -173,3 +197,8 @@ def save_pretrained(model: nn.Module, tok, out: Path) -> Path:
 
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def base_model_path(cfg) -> str:
+    """What the stages after pretraining load as the base model: base.model, or the pretrain stage's output."""
+    return cfg.base.model or str(cfg.stage_dir("pretrain") / "model")

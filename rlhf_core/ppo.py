@@ -16,10 +16,7 @@ snapshot_every > 0, <out>/snapshots/update_XXXX (policies along the run, for ove
 
 from __future__ import annotations
 
-import functools
-import inspect
-import json
-import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, fields
@@ -29,7 +26,16 @@ import torch
 from torch import nn
 
 from rlhf_core import io, loaders, runtime
+from rlhf_core.batching import collate, tokenize_example
 from rlhf_core.config import Config
+from rlhf_core.forwards import (
+    decode_responses,
+    lm_forward,
+    ppo_proxy,
+    response_logprobs,
+    sample_as_ppo,
+    scalar_outputs,
+)
 from rlhf_core.losses import (
     adaptive_kl_coef,
     compute_gae,
@@ -41,23 +47,25 @@ from rlhf_core.losses import (
     policy_loss,
     token_logprobs,
     token_rewards,
-    truncate_after_eos,
     value_loss,
 )
-from rlhf_core.pretrain import read_corpus
-from rlhf_core.models import _score_head, load_causal_lm, load_reward_model, load_tokenizer, save_pretrained
-from rlhf_core.sampling import decode_responses, encode_prompts, position_ids
-from rlhf_core.sft import collate, tokenize_example
+from rlhf_core.models import load_causal_lm, load_reward_model, load_tokenizer, save_pretrained, score_head
 from rlhf_core.training import (
     MetricsSink,
     StageResult,
+    check_finite,
     epoch_order,
+    fingerprint,
     load_checkpoint,
     make_optimizer,
     make_scheduler,
     null_sink,
+    optimizer_step,
     progress,
+    recording,
+    replay,
     save_checkpoint,
+    setup_stage,
     write_metrics,
 )
 
@@ -100,13 +108,6 @@ class Rollout:
                                    else v) for f in fields(self) for v in [getattr(self, f.name)]})
 
 
-def scalar_outputs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-position output of a scalar-head model (reward or value model): (B, T) -> (B, T)."""
-    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                              use_cache=False).last_hidden_state
-    return _score_head(model)(hidden).squeeze(-1).float()                    # (B, T)
-
-
 class PolicyAndValue(nn.Module):
     """Everything PPO trains: the policy and its critic, either a separate value model (N+) or a head on the policy's
     own trunk ("shared", one forward for both). One optimizer steps both."""
@@ -131,63 +132,6 @@ class PolicyAndValue(nn.Module):
         return self.value_head(policy_out.hidden_states[-1][:, context - 1:-1]).squeeze(-1).float()
 
 
-def lm_forward(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, context: int, **kw):
-    """A causal LM forward whose LM head runs only where logits are needed: positions context-1 ... T-1 (R + 1 rows;
-    the last predicts past the response and is dropped by callers). The vocabulary projection is the largest matmul
-    of a small model, and prompt positions need none."""
-    if _accepts_logits_to_keep(type(model)):
-        kw["logits_to_keep"] = ids.shape[1] - context + 1
-    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False, **kw)
-
-
-def response_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, context: int, responses: torch.Tensor,
-                      temperature: float) -> torch.Tensor:
-    """log p(a_t | s_t) of the R response tokens after `context` under a fresh forward of `model`, at the sampling
-    temperature (N+ detail 3): (B, R)."""
-    logits = lm_forward(model, ids, mask, context).logits[:, :-1]             # (B, R, V)
-    return token_logprobs(logits.float(), responses, temperature)
-
-
-@functools.cache
-def _accepts_logits_to_keep(cls: type) -> bool:
-    return "logits_to_keep" in inspect.signature(cls.forward).parameters
-
-
-def sample_responses(policy: nn.Module, tok, queries: torch.Tensor, qmask: torch.Tensor, p) -> tuple[torch.Tensor, ...]:
-    """Sample with top_k=0, top_p=1 at p.temperature (KV cache), cut after the first EOS (unless p.stop_at_eos is off:
-    then exactly p.response_length tokens, none cut).
-
-    queries, qmask: (B, Q) left-padded -> responses (B, R) PAD after EOS, response mask (B, R), has_eos (B,), and the
-    sampler's raw logits (B, R, V): log-probs at the sampling temperature come from them, with no second forward."""
-    from transformers import GenerationConfig
-
-    eos = tok.eos_token_id if p.stop_at_eos else None
-    gen = GenerationConfig(do_sample=True, temperature=p.temperature, top_k=0, top_p=1.0,
-                           max_new_tokens=p.response_length, pad_token_id=tok.pad_token_id, eos_token_id=eos,
-                           output_logits=True, return_dict_in_generate=True)
-    out = policy.generate(input_ids=queries, attention_mask=qmask, generation_config=gen)
-    responses = out.sequences[:, queries.shape[1]:]                           # (B, R)
-    logits = torch.stack(out.logits, 1).float()                               # (B, R, V) raw, before temperature
-    if not p.stop_at_eos:
-        ones = torch.ones_like(responses)
-        return responses, ones, ones[:, 0].bool(), logits
-    return (*truncate_after_eos(responses, tok.eos_token_id, tok.pad_token_id), logits)
-
-
-def score_responses(rm: nn.Module, ids: torch.Tensor, mask: torch.Tensor, last: torch.Tensor, has_eos: torch.Tensor,
-                    p) -> torch.Tensor:
-    """The score PPO optimises: the reward model read at the last kept token (N+ detail 5), optionally clipped, with
-    the no-EOS rule (N+ detail 8). ids, mask: (B, T); last, has_eos: (B,) -> (B,)."""
-    scores = scalar_outputs(rm, ids, mask)[torch.arange(len(ids)), last]      # (B,)
-    if p.reward_clip > 0:
-        scores = scores.clamp(-p.reward_clip, p.reward_clip)
-    if p.missing_eos == "replace":
-        scores = torch.where(has_eos, scores, torch.full_like(scores, -p.missing_eos_penalty))
-    elif p.missing_eos == "subtract":
-        scores = scores - p.missing_eos_penalty * (~has_eos).float()
-    return scores
-
-
 @torch.no_grad()
 def rollout(pv: PolicyAndValue, ref: nn.Module, rm: nn.Module, tok, prompts: list[str], cfg: Config,
             kl_coef: float, device, bf16: bool = False) -> tuple[Rollout, dict[str, float]]:
@@ -195,22 +139,21 @@ def rollout(pv: PolicyAndValue, ref: nn.Module, rm: nn.Module, tok, prompts: lis
     p = cfg.ppo
     pv.eval()
     t0 = time.perf_counter()
-    queries, qmask = encode_prompts(tok, prompts, p.max_prompt_tokens, device)
     with runtime.autocast(device, bf16):
-        responses, rmask, has_eos, gen_logits = sample_responses(pv.policy, tok, queries, qmask, p)
+        c = sample_as_ppo(pv.policy, tok, prompts, p, keep_logits=True)
     t1 = time.perf_counter()
-    ids, mask, q = torch.cat([queries, responses], 1), torch.cat([qmask, rmask], 1), queries.shape[1]
+    queries, qmask, responses, rmask, has_eos = c.queries, c.query_mask, c.responses, c.response_mask, c.has_eos
+    ids, mask, q = c.input_ids, c.attention_mask, queries.shape[1]
 
     # log pi_old from the sampler's own logits (the same weights, KV-cached: equal to a fresh forward to ~1e-6)
-    logits = gen_logits / p.temperature                                       # (B, R, V)
+    logits = c.logits / p.temperature                                         # (B, R, V)
     logprobs = token_logprobs(logits, responses)                              # (B, R)
     entropy = entropy_from_logits(logits)                                     # (B, R)
-    del gen_logits, logits
+    c.logits = logits = None
     with runtime.autocast(device, bf16):
         values = pv.values(ids, mask, q)                                      # (B, R)
         ref_logprobs = response_logprobs(ref, ids, mask, q, responses, p.temperature)  # (B, R)
-        last = q + rmask.sum(1) - 1                                           # (B,) index of the last kept token
-        scores = score_responses(rm, ids, mask, last, has_eos, p)             # (B,)
+        scores = ppo_proxy(rm, c, p)                                             # (B,)
 
     kl = kl_penalty(logprobs, ref_logprobs, p.kl_estimator) * rmask           # (B, R)
     rewards = token_rewards(kl, scores, rmask, kl_coef)                       # (B, R)
@@ -235,7 +178,7 @@ def rollout(pv: PolicyAndValue, ref: nn.Module, rm: nn.Module, tok, prompts: lis
 
 
 def ppo_step(pv: PolicyAndValue, batch: Rollout, opt, sched, cfg: Config, ptx_rows, ptx_cursor: int,
-             pad_id: int, bf16: bool = False) -> dict[str, float]:
+             pad_id: int, bf16: bool = False, where: str = "ppo") -> dict[str, float]:
     """4. several epochs of clipped PPO updates over reshuffled minibatches of one rollout batch."""
     p = cfg.ppo
     pv.train()
@@ -243,6 +186,7 @@ def ppo_step(pv: PolicyAndValue, batch: Rollout, opt, sched, cfg: Config, ptx_ro
     acc: dict[str, list[float]] = {}
     for _ in range(p.ppo_epochs):
         for mb in torch.randperm(len(batch.queries)).split(p.mini_batch_size):
+            mb_loss = 0.0
             for micro in mb.split(p.micro_batch_size):
                 b = batch.select(micro).trimmed()                                # (b, Q'), (b, R')
                 with runtime.autocast(device, bf16):
@@ -263,6 +207,7 @@ def ppo_step(pv: PolicyAndValue, batch: Rollout, opt, sched, cfg: Config, ptx_ro
                     loss = loss + p.ptx_coef * ptx_loss
                     acc.setdefault("loss/ptx_avg", []).append(ptx_loss.item())
                 (loss * len(micro) / len(mb)).backward()
+                mb_loss += loss.item() * len(micro) / len(mb)
                 with torch.no_grad():
                     entropy = masked_mean(entropy_from_logits(logits), b.response_mask)
                 for k, v in (("policy/approxkl_avg", pg["approxkl"]), ("policy/clipfrac_avg", pg["clipfrac"]),
@@ -270,25 +215,30 @@ def ppo_step(pv: PolicyAndValue, batch: Rollout, opt, sched, cfg: Config, ptx_ro
                              ("val/clipfrac_avg", vf_clipfrac), ("policy/entropy_avg", entropy),
                              ("val/ratio", pg["ratio"])):
                     acc.setdefault(k, []).append(v.item())
-            torch.nn.utils.clip_grad_norm_(pv.parameters(), p.max_grad_norm)
-            opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+            optimizer_step(pv.parameters(), opt, sched, p.max_grad_norm, mb_loss, where)
     out = {k: sum(v) / len(v) for k, v in acc.items()}
     ratios = torch.tensor(acc["val/ratio"])
     out["val/ratio_var"] = ratios.var().item() if len(ratios) > 1 else 0.0
     return out
 
 
-def load_ptx_rows(cfg: Config, tok) -> list:
-    """Token rows for the PPO-ptx term: demonstrations (loss on completions) or a {"text"} corpus (loss on all)."""
-    p = cfg.ppo
-    path = cfg.data_path(p.ptx_data)
-    width = p.max_prompt_tokens + p.response_length
-    if Path(path).is_file() and path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            first = json.loads(f.readline() or "{}")
-        if "text" in first:
-            return [tokenize_example(tok, "", t, width) for t in read_corpus(Path(path))]
-    return [tokenize_example(tok, e.prompt, e.completion, width) for e in loaders.load_sft(path)]
+def inputs(cfg: Config) -> dict[str, loaders.DataInput]:
+    """The data this stage reads, and how: the data stage, lineage and the stage itself use this one definition.
+    PPO-ptx data is demonstrations (prompt/completion or messages) or a {"text"} corpus, told apart by its columns."""
+    p, cols = cfg.ppo, cfg.ppo.columns or None
+    data = loaders.declare(cfg, {"ppo.prompts": p.prompts, "ppo.sample_prompts": p.sample_prompts},
+                           loaders.load_prompts, columns=cols)
+    if p.ptx_coef > 0:
+        source = cfg.data_path(p.ptx_data)
+        load = loaders.read_corpus if loaders.is_corpus(source) else loaders.load_sft
+        data.update(loaders.declare(cfg, {"ppo.ptx_data": p.ptx_data}, load))
+    return data
+
+
+def ptx_rows(data: list, tok, width: int) -> list:
+    """Token rows for the PPO-ptx term: demonstrations (loss on completions) or corpus texts (loss on all)."""
+    return [tokenize_example(tok, "", x, width) if isinstance(x, str) else
+            tokenize_example(tok, x.prompt, x.completion, width) for x in data]
 
 
 def build(cfg: Config, sft_model: str, reward_model: str, device):
@@ -303,7 +253,7 @@ def build(cfg: Config, sft_model: str, reward_model: str, device):
     if cfg.ppo.value_model == "separate":  # initialised from the reward model (N+ detail 7)
         pv = PolicyAndValue(policy, value_model=load_reward_model(reward_model).to(device))
     else:
-        rm_head = _score_head(rm)
+        rm_head = score_head(rm)
         head = nn.Linear(rm_head.in_features, 1).to(device)
         with torch.no_grad():
             head.weight.copy_(rm_head.weight), head.bias.zero_()
@@ -311,42 +261,52 @@ def build(cfg: Config, sft_model: str, reward_model: str, device):
     return tok, pv, ref, rm
 
 
+def prompt_batch(prompts: list[str], update: int, p, seed: int) -> list[str]:
+    """The prompts of one update: a seeded order per pass over the prompt set, so a resumed run sees the same ones."""
+    start = update * p.rollout_batch_size
+    return [prompts[epoch_order(len(prompts), seed, (start + i) // len(prompts))[(start + i) % len(prompts)]]
+            for i in range(p.rollout_batch_size)]
+
+
 def train_ppo(cfg: Config, sft_model: str, reward_model: str, out_dir: Path, sink: MetricsSink = null_sink,
               gold=None) -> StageResult:
     """PPO from `sft_model` against `reward_model`; `gold` (e.g. the simulated labeler) adds objective/gold."""
     p, out_dir = cfg.ppo, Path(out_dir)
-    runtime.seed_everything(cfg.base.seed)
-    runtime.set_threads(cfg.base)
-    device = runtime.resolve_device(cfg.base)
-    bf16 = runtime.use_bf16(cfg.base, device)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    device, bf16 = setup_stage(cfg, out_dir)
 
     tok, pv, ref, rm = build(cfg, sft_model, reward_model, device)
-    prompts = loaders.load_prompts(cfg.data_path(p.prompts), columns=p.columns or None)
-    sample_prompts = loaders.load_prompts(cfg.data_path(p.sample_prompts), columns=p.columns or None)[:p.n_samples]
-    ptx_rows = load_ptx_rows(cfg, tok) if p.ptx_coef > 0 else []
+    data = inputs(cfg)
+    prompts, sample_prompts = data["ppo.prompts"].load(), data["ppo.sample_prompts"].load()[:p.n_samples]
+    ptx = ptx_rows(data["ppo.ptx_data"].load(), tok, p.max_prompt_tokens + p.response_length) if p.ptx_coef > 0 else []
     opt = make_optimizer(pv, p.lr, p.weight_decay)
-    total_steps = p.updates * p.ppo_epochs * p.n_minibatches
-    sched = make_scheduler(opt, total_steps, 0, shape=p.lr_schedule)
-    ckpt = out_dir / "checkpoint"
-    state = load_checkpoint(ckpt, pv, opt, sched) or {"update": 0, "kl_coef": p.kl_coef, "history": []}
+    sched = make_scheduler(opt, p.updates * p.ppo_epochs * p.n_minibatches, 0, shape=p.lr_schedule)
+    # work/ holds the checkpoint and the samples and snapshots made so far: DVC deletes a stage's declared outputs
+    # before it reruns the stage, so they live here until the run ends, and a resumed run keeps the earlier ones
+    work = out_dir / "checkpoint"
+    made_with = fingerprint(cfg, "ppo", {"sft_model": sft_model, "reward_model": reward_model,
+                                         **{k: d.source for k, d in data.items()}}, bf16)
+    state = load_checkpoint(work / "trainer", pv, opt, sched, made_with)
+    if state is None:
+        shutil.rmtree(work, ignore_errors=True)
+        state = {"update": 0, "kl_coef": p.kl_coef, "history": []}
+    replay(sink, state["history"])
+    sink = recording(sink, state["history"])
 
-    bar = progress(p.updates, "ppo", initial=state["update"])
-    while state["update"] < p.updates:
-        u, t0 = state["update"], time.perf_counter()
-        # 1-3. rollouts: prompts follow a seeded order per pass over the prompt set (resume-exact by update index)
-        start = u * p.rollout_batch_size
-        batch_prompts = [prompts[epoch_order(len(prompts), cfg.base.seed, (start + i) // len(prompts))[
-            (start + i) % len(prompts)]] for i in range(p.rollout_batch_size)]
+    bar = progress(p.updates, "ppo", initial=state["update"], sink=sink)
+    for u in range(state["update"], p.updates):
+        t0 = time.perf_counter()
+        # 1-3. rollouts: sample, score, rewards and advantages
+        batch_prompts = prompt_batch(prompts, u, p, cfg.base.seed)
         batch, stats = rollout(pv, ref, rm, tok, batch_prompts, cfg, state["kl_coef"], device, bf16)
         if gold is not None:
-            texts = decode_responses(tok, batch.responses)
-            stats["objective/gold"] = sum(gold.score_batch(batch_prompts, texts)) / len(texts)
+            stats["objective/gold"] = sum(gold.score_batch(batch_prompts, decode_responses(tok, batch.responses))) / len(
+                batch_prompts)
         t1 = time.perf_counter()
         # 4. PPO epochs
         ptx_per_update = p.ppo_epochs * (p.rollout_batch_size // p.micro_batch_size) * p.ptx_batch_size
-        stats.update(ppo_step(pv, batch, opt, sched, cfg, ptx_rows, u * ptx_per_update, tok.pad_token_id, bf16))
-        # 5. KL controller, metrics, samples, checkpoint
+        stats.update(ppo_step(pv, batch, opt, sched, cfg, ptx, u * ptx_per_update, tok.pad_token_id, bf16,
+                              f"ppo update {u + 1}"))
+        # 5. KL controller, metrics, samples, snapshots, checkpoint
         stats.update({"objective/kl_coef": state["kl_coef"], "lr": sched.get_last_lr()[0],
                       "episode": (u + 1) * p.rollout_batch_size, "time/rollout": t1 - t0,
                       "time/update": time.perf_counter() - t1})
@@ -354,42 +314,53 @@ def train_ppo(cfg: Config, sft_model: str, reward_model: str, out_dir: Path, sin
             state["kl_coef"] = adaptive_kl_coef(state["kl_coef"], stats["objective/kl"], p.kl_target, p.kl_horizon,
                                                 p.rollout_batch_size)
         state["update"] = u + 1
-        state["history"].append({"update": u + 1, **stats})
         sink(stats, u + 1)
         if (u + 1) % p.sample_every == 0 or u + 1 == p.updates:
-            write_samples(pv.policy, tok, sample_prompts, cfg, out_dir / "samples" / f"update_{u + 1:04d}.jsonl", rm, gold)
+            write_samples(pv.policy, tok, sample_prompts, cfg, work / "samples" / f"update_{u + 1:04d}.jsonl", rm, gold)
         if p.snapshot_every and (u + 1) % p.snapshot_every == 0:
-            with io.atomic_path(out_dir / "snapshots" / f"update_{u + 1:04d}") as tmp:
+            check_finite(pv.policy, f"ppo snapshot {u + 1}")
+            with io.atomic_path(work / "snapshots" / f"update_{u + 1:04d}") as tmp:
                 save_pretrained(pv.policy, tok, tmp)
         if (u + 1) % p.checkpoint_every == 0 or u + 1 == p.updates:
-            save_checkpoint(ckpt, pv, opt, sched, state)
+            save_checkpoint(work / "trainer", pv, opt, sched, {**state, "fingerprint": made_with})
         bar.update(1)
         bar.set_postfix(score=f"{stats['objective/scores']:.2f}", kl=f"{stats['objective/kl']:.2f}", refresh=False)
     bar.close()
+    return finish(pv.policy, tok, state, out_dir, work)
 
-    # outputs: the policy, the per-update history, the last update's metrics
+
+def finish(policy: nn.Module, tok, state: dict, out_dir: Path, work: Path) -> StageResult:
+    """Every declared output, from the final state (also when a resumed run had no update left): the policy, the
+    history, the last update's metrics, and the samples and snapshots (hard links, so a kill before the checkpoint is
+    dropped loses nothing), then the checkpoint goes."""
+    check_finite(policy, "ppo policy")
     with io.atomic_path(out_dir / "model") as tmp:
-        save_pretrained(pv.policy, tok, tmp)
+        save_pretrained(policy, tok, tmp)
     io.write_jsonl(out_dir / "history.jsonl", state["history"])
-    final = {k: v for k, v in state["history"][-1].items() if not k.startswith("time/")} if state["history"] else {}
+    final = {k: v for k, v in state["history"][-1].items() if not k.startswith("time/") and k != "step"}
     final["kl_coef_final"] = state["kl_coef"]
     write_metrics(out_dir / "metrics.json", final)
-    shutil.rmtree(ckpt, ignore_errors=True)
+    for name in ("samples", "snapshots"):
+        with io.atomic_path(out_dir / name) as tmp:
+            if (work / name).exists():
+                shutil.copytree(work / name, tmp, copy_function=os.link)
+            else:
+                tmp.mkdir()
+    shutil.rmtree(work, ignore_errors=True)
     return StageResult({"model": out_dir / "model", "metrics": out_dir / "metrics.json",
-                        "history": out_dir / "history.jsonl", "samples": out_dir / "samples"}, final)
+                        "history": out_dir / "history.jsonl", "samples": out_dir / "samples",
+                        "snapshots": out_dir / "snapshots"}, final)
 
 
 @torch.no_grad()
 def write_samples(policy, tok, prompts: list[str], cfg: Config, path: Path, rm, gold) -> None:
-    """A table of sample completions with their proxy (and gold) rewards; uses a private RNG so training's is intact."""
-    from rlhf_core.reward import score_texts
-    from rlhf_core.sampling import generate
-
+    """A table of sample completions with their proxy (the score PPO optimises) and gold rewards, sampled as PPO
+    samples from a private random stream (seeded by base.seed), so training's stream is untouched."""
     rng = torch.get_rng_state()
-    texts = generate(policy, tok, prompts, max_new_tokens=cfg.ppo.response_length, temperature=cfg.ppo.temperature,
-                     max_prompt_tokens=cfg.ppo.max_prompt_tokens, seed=cfg.base.seed)
+    torch.manual_seed(cfg.base.seed)
+    c = sample_as_ppo(policy, tok, prompts, cfg.ppo)
     torch.set_rng_state(rng)
-    proxy = score_texts(rm, tok, prompts, texts, cfg.ppo.max_prompt_tokens + cfg.ppo.response_length + 1)
-    golds = gold.score_batch(prompts, texts) if gold is not None else [math.nan] * len(texts)
-    io.write_jsonl(path, [{"prompt": pr, "completion": t, "proxy": round(s, 4), "gold": round(g, 4)}
+    texts, proxy = decode_responses(tok, c.responses), ppo_proxy(rm, c, cfg.ppo).tolist()
+    golds = gold.score_batch(prompts, texts) if gold is not None else [None] * len(texts)
+    io.write_jsonl(path, [{"prompt": pr, "completion": t, "proxy": round(s, 4), "gold": g if g is None else round(g, 4)}
                           for pr, t, s, g in zip(prompts, texts, proxy, golds)])

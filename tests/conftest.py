@@ -28,7 +28,7 @@ def tiny_params(tmp: Path) -> dict:
                      "batch_size": 16, "steps": 60, "lr": 3e-3, "warmup_steps": 5},
         "sft": {"epochs": 3, "batch_size": 16, "micro_batch_size": 8, "lr": 3e-3, "max_length": 64, "eval_every": 5,
                 "checkpoint_every": 4},
-        "reward": {"batch_size": 16, "micro_batch_size": 8, "lr": 1e-3, "max_length": 64, "normalize_samples": 16,
+        "reward": {"epochs": 1, "batch_size": 16, "micro_batch_size": 8, "lr": 1e-3, "max_length": 64, "normalize_samples": 16,
                    "eval_every": 6},
     }
 

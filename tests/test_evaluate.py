@@ -13,13 +13,12 @@ import torch
 import yaml
 
 from rlhf_core.config import load_config
-from rlhf_core.evaluate import evaluate, score_responses, sequence_logprobs, text_stats
+from rlhf_core.evaluate import evaluate, text_stats
+from rlhf_core.forwards import Completions, encode_prompts, ppo_proxy, response_logprobs, scalar_outputs
 from rlhf_core.labeler import SimulatedLabeler
 from rlhf_core.losses import truncate_after_eos
 from rlhf_core.models import load_causal_lm, load_reward_model, load_tokenizer
 from rlhf_core.overopt import kl_bon
-from rlhf_core.ppo import scalar_outputs
-from rlhf_core.sampling import encode_prompts
 
 from .conftest import tiny_params
 
@@ -131,9 +130,9 @@ def test_batched_logprobs_and_scores_equal_unpadded_ones(ppo_run):
                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         q = queries.shape[1]
         responses, rmask, has_eos = truncate_after_eos(seqs[:, q:], tok.eos_token_id, tok.pad_token_id)
-        ids, mask = torch.cat([queries, responses], 1), torch.cat([qmask, rmask], 1)
-        batched_lp = sequence_logprobs(model, ids, mask, q, responses, rmask, 0.7)
-        scores = score_responses(rm, ids, mask, q + rmask.sum(1) - 1, torch.ones_like(has_eos), cfg.ppo)
+        c = Completions(queries, qmask, responses, rmask, torch.ones_like(has_eos), None)
+        batched_lp = (response_logprobs(model, c.input_ids, c.attention_mask, q, responses, 0.7) * rmask).sum(1)
+        scores = ppo_proxy(rm, c, cfg.ppo)
         for i in range(len(prompts)):       # each row alone, without any padding
             row = torch.cat([queries[i][qmask[i] == 1], responses[i][rmask[i] == 1]])[None]
             n_q = int(qmask[i].sum())
@@ -142,7 +141,7 @@ def test_batched_logprobs_and_scores_equal_unpadded_ones(ppo_run):
             assert batched_lp[i] == pytest.approx(lp.item(), abs=1e-4)
             assert scores[i] == pytest.approx(scalar_outputs(rm, row, torch.ones_like(row))[0, -1].item(), abs=1e-4)
     # the no-EOS rule: a response without EOS scores -missing_eos_penalty
-    no_eos = score_responses(rm, ids, mask, q + rmask.sum(1) - 1, torch.zeros_like(has_eos), cfg.ppo)
+    no_eos = ppo_proxy(rm, Completions(queries, qmask, responses, rmask, torch.zeros_like(has_eos), None), cfg.ppo)
     assert torch.all(no_eos == -cfg.ppo.missing_eos_penalty)
 
 

@@ -90,7 +90,7 @@ def test_sigkilled_run_resumes_to_the_same_end(tmp_path, tiny_run):
     assert straight.wait(timeout=300) == 0, straight.stderr.read()
 
     # kill -9 once a checkpoint past update 2 exists, then restart: it must resume, not start over
-    state = runs["killed"] / "outputs" / "ppo" / "checkpoint" / "state.json"
+    state = runs["killed"] / "outputs" / "ppo" / "checkpoint" / "trainer" / "state.json"
     proc = run_cli(runs["killed"] / "params.yaml", runs["killed"])
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:

@@ -12,11 +12,10 @@ from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadMo
 
 from rlhf_core.losses import policy_loss, token_logprobs, value_loss
 from rlhf_core.models import fuse_activations
-from rlhf_core.ppo import PolicyAndValue, Rollout, lm_forward, sample_responses
-from rlhf_core.reward import rewards_of, rewards_of_rows
-from rlhf_core.sampling import position_ids
-from rlhf_core.sft import collate
-from rlhf_core.training import by_length, make_optimizer, make_scheduler
+from rlhf_core.batching import by_length, collate
+from rlhf_core.forwards import lm_forward, position_ids, sample_tokens, score_rows
+from rlhf_core.ppo import PolicyAndValue, Rollout
+from rlhf_core.training import make_optimizer, make_scheduler
 
 EOS, PAD = 0, 1
 
@@ -68,11 +67,12 @@ def test_sampler_logits_give_the_log_probs_a_fresh_forward_gives(stop_at_eos):
     model = tiny_lm()
     queries, qmask = left_padded()
     p = SimpleNamespace(temperature=0.7, response_length=9, stop_at_eos=stop_at_eos)
-    tok = SimpleNamespace(eos_token_id=EOS, pad_token_id=PAD)
     torch.manual_seed(3)
     with torch.no_grad():
-        responses, rmask, has_eos, logits = sample_responses(model, tok, queries, qmask, p)
-        ids, mask = torch.cat([queries, responses], 1), torch.cat([qmask, rmask], 1)
+        c = sample_tokens(model, queries, qmask, eos_id=EOS, pad_id=PAD, temperature=p.temperature,
+                          max_new_tokens=p.response_length, stop_at_eos=stop_at_eos, keep_logits=True)
+        responses, rmask, has_eos, logits = c.responses, c.response_mask, c.has_eos, c.logits
+        ids, mask = c.input_ids, c.attention_mask
         fresh = lm_forward(model, ids, mask, queries.shape[1]).logits[:, :-1]
     assert logits.shape == (*responses.shape, 50)
     if not stop_at_eos:
@@ -115,11 +115,12 @@ def test_length_sorted_reward_forwards_give_the_one_forward_rewards_and_gradient
     g = torch.Generator().manual_seed(2)
     rows = [(torch.randint(2, 50, (n,), generator=g).tolist(), [0] * n) for n in (3, 11, 6, 14, 4, 9, 2)]
     model = tiny_rm()
-    one = rewards_of(model, collate(rows, PAD, "cpu"))
+    batch = collate(rows, PAD, "cpu")                   # one right-padded forward, read as HF's classifier reads
+    one = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
     (one * torch.arange(7.0)).sum().backward()
     grad_one = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    chunked = rewards_of_rows(model, rows, PAD, "cpu", False, rows_per_forward=2)
+    chunked = score_rows(model, rows, PAD, "cpu", rows_per_forward=2)
     (chunked * torch.arange(7.0)).sum().backward()
     torch.testing.assert_close(chunked, one, rtol=0, atol=1e-5)              # same rewards, in the rows' order
     for a, b in zip(grad_one, (p.grad for p in model.parameters())):

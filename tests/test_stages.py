@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from rlhf_core.config import from_dict
 from rlhf_core.models import load_causal_lm, load_reward_model, load_tokenizer, reward_model_from_lm, shift_reward
-from rlhf_core.reward import score_texts
-from rlhf_core.sft import collate, tokenize_example
+from rlhf_core.batching import collate, tokenize_example
+from rlhf_core.forwards import score_texts
 
 from .conftest import tiny_params
 

@@ -1,9 +1,11 @@
-"""Load SFT, preference and prompt data sets into the project's record types, rejecting bad rows loudly.
+"""Load SFT, preference, prompt and pretraining-corpus data sets into the project's record types, rejecting bad rows
+loudly.
 
 Sources: a local `.jsonl`, `.json` (array or JSON lines), `.jsonl.gz`/`.json.gz`, `.parquet`, `.csv`, a directory
-written by `Dataset.save_to_disk`/`DatasetDict.save_to_disk`, or else a Hugging Face hub name. Every bad value raises
-`DataError` naming file, 1-based row (the line, for JSON lines) and field; `on_error="skip"` drops bad rows instead and
-can write a report of them.
+written by `Dataset.save_to_disk`/`DatasetDict.save_to_disk`, or else a Hugging Face hub name. Any malformed input
+(bad bytes, bad JSON, corrupt gzip, wrong types, text that is not valid Unicode) raises `DataError` naming file,
+1-based row (the line, for JSON lines) and field, never another exception; `on_error="skip"` drops bad rows instead and
+can write a report of them. A file that cannot be read at all is a `DataError` in either mode.
 
     from rlhf_core.loaders import load_preferences
     groups = load_preferences("../shared/data/hh-rlhf-harmless/comparisons.jsonl.gz", format="hh")
@@ -16,7 +18,11 @@ import csv
 import gzip
 import itertools
 import json
+import re
+import reprlib
+import sys
 import tempfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +34,8 @@ HUMAN, ASSISTANT, SYSTEM = "\n\nHuman:", "\n\nAssistant:", "\n\nSystem:"
 _ROLE_MARKERS = {"system": SYSTEM, "user": HUMAN, "assistant": ASSISTANT}
 COLUMNS = ("prompt", "completion", "chosen", "rejected", "messages", "responses", "ranks")
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet", ".csv")
+# NUL and lone surrogates (JSON can spell "\ud800") load as Python strings but break UTF-8 encoding and tokenizers.
+_BAD_CHAR = re.compile("[\x00\ud800-\udfff]")
 
 
 class DataError(ValueError):
@@ -91,8 +99,8 @@ def render_dialogue(messages: Sequence[dict]) -> str:
         if not isinstance(message, dict):
             raise TypeError(f"message {i} is {_kind(message)}, expected an object with role and content")
         role, content = message.get("role"), message.get("content")
-        if role not in _ROLE_MARKERS:
-            raise ValueError(f"message {i} has unknown role {role!r} (expected system, user or assistant)")
+        if not isinstance(role, str) or role not in _ROLE_MARKERS:
+            raise ValueError(f"message {i} has unknown role {reprlib.repr(role)} (expected system, user or assistant)")
         if not isinstance(content, str):
             raise TypeError(f"message {i} content is {_kind(content)}, expected a string")
         parts.append(f"{_ROLE_MARKERS[role]} {content}")
@@ -130,19 +138,23 @@ def _read(source: str | Path, split: str) -> tuple[str, list[tuple[int, dict | D
         rows = _read_with_datasets(name, "hub", name, split)
     if not rows:
         raise DataError(name, None, None, "no rows (empty file)")
-    return name, rows
+    # Vetted once here for every reader, so no row parser (nor a tokenizer, later) meets a non-object or broken text.
+    return name, [(row_no, _vet(name, row_no, row)) for row_no, row in rows]
 
 
-def _read_file(name: str, path: Path) -> list[tuple[int, dict | DataError]]:
+def _read_file(name: str, path: Path) -> list[tuple[int, Any]]:
     suffix = path.suffix.lower()
     inner = Path(path.stem).suffix.lower() if suffix == ".gz" else suffix
     if inner in (".jsonl", ".json"):
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise DataError(name, None, None, f"cannot read the file ({e.strerror or e})") from None
         if suffix == ".gz":
             try:
                 data = gzip.decompress(data)
-            except (OSError, EOFError) as e:
-                raise DataError(name, None, None, f"not a valid gzip file ({e})") from None
+            except (OSError, EOFError, zlib.error) as e:  # bad header: OSError; truncated: EOFError; corrupt: zlib
+                raise DataError(name, None, None, f"not a valid gzip file ({type(e).__name__}: {e})") from None
         data = data.removeprefix(codecs.BOM_UTF8)
         return _parse_json_document(name, data) if inner == ".json" else _parse_json_lines(name, data)
     if suffix in (".parquet", ".csv") and suffix == inner:
@@ -151,9 +163,9 @@ def _read_file(name: str, path: Path) -> list[tuple[int, dict | DataError]]:
                     "save_to_disk directory (.gz only for .jsonl and .json)")
 
 
-def _parse_json_lines(name: str, data: bytes) -> list[tuple[int, dict | DataError]]:
+def _parse_json_lines(name: str, data: bytes) -> list[tuple[int, Any]]:
     # Parsed here rather than by `datasets` so that a bad line is reported by number and can be skipped alone.
-    rows: list[tuple[int, dict | DataError]] = []
+    rows: list[tuple[int, Any]] = []
     for line_no, raw in enumerate(data.split(b"\n"), 1):
         try:
             line = raw.decode("utf-8")
@@ -164,15 +176,13 @@ def _parse_json_lines(name: str, data: bytes) -> list[tuple[int, dict | DataErro
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            rows.append((line_no, DataError(name, line_no, None, f"not valid JSON ({e.msg} at column {e.colno})")))
-            continue
-        rows.append((line_no, _as_object(name, line_no, obj)))
+            rows.append((line_no, json.loads(line)))
+        except (ValueError, RecursionError) as e:
+            rows.append((line_no, DataError(name, line_no, None, _json_fault(e, with_line=False))))
     return rows
 
 
-def _parse_json_document(name: str, data: bytes) -> list[tuple[int, dict | DataError]]:
+def _parse_json_document(name: str, data: bytes) -> list[tuple[int, Any]]:
     """A `.json` file: a JSON array of objects (row = element number) or else JSON lines."""
     if not data.lstrip().startswith(b"["):
         return _parse_json_lines(name, data)
@@ -181,16 +191,41 @@ def _parse_json_document(name: str, data: bytes) -> list[tuple[int, dict | DataE
     except UnicodeDecodeError as e:
         line_no = data[: e.start].count(b"\n") + 1
         raise DataError(name, None, None, f"not valid UTF-8 (byte 0x{data[e.start]:02x} on line {line_no})") from None
-    except json.JSONDecodeError as e:
-        raise DataError(name, None, None, f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    return [(i, _as_object(name, i, obj)) for i, obj in enumerate(doc, 1)]
+    except (ValueError, RecursionError) as e:
+        raise DataError(name, None, None, _json_fault(e, with_line=True)) from None
+    return list(enumerate(doc, 1))
 
 
-def _as_object(name: str, row: int, obj: Any) -> dict | DataError:
-    return obj if isinstance(obj, dict) else DataError(name, row, None, f"expected a JSON object, got {_kind(obj)}")
+def _json_fault(e: ValueError | RecursionError, with_line: bool) -> str:
+    """Why `json.loads` failed: bad syntax (at its column, and line if `with_line`), or JSON Python cannot hold."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"not valid JSON ({e.msg} at {f'line {e.lineno}, ' if with_line else ''}column {e.colno})"
+    if isinstance(e, RecursionError):
+        return "not valid JSON (nested too deeply)"
+    return f"not valid JSON (an integer longer than {sys.get_int_max_str_digits()} digits)"
 
 
-def _read_with_datasets(name: str, kind: str, target: Any, split: str | None) -> list[tuple[int, dict | DataError]]:
+def _vet(name: str, row_no: int, row: Any) -> dict | DataError:
+    """The row, or the `DataError` it earns: not an object, or a string in it (key or value) that is not valid text."""
+    if isinstance(row, DataError):
+        return row
+    if not isinstance(row, dict):
+        return DataError(name, row_no, None, f"expected a JSON object, got {_kind(row)}")
+    for key, value in row.items():
+        stack = [key, value]  # a loop, not recursion: JSON may nest ~1,000 deep
+        while stack:
+            if isinstance(v := stack.pop(), str) and (bad := _BAD_CHAR.search(v)):
+                why = "contains a NUL character" if bad[0] == "\x00" else f"not valid Unicode: lone surrogate {bad[0]!a}"
+                # A broken column name is shown escaped: the message itself must encode (reports, logs, terminals).
+                return DataError(name, row_no, ascii(key) if _BAD_CHAR.search(key) else key, why)
+            if isinstance(v, dict):
+                stack += [*v, *v.values()]
+            elif isinstance(v, (list, tuple)):
+                stack += v
+    return row
+
+
+def _read_with_datasets(name: str, kind: str, target: Any, split: str | None) -> list[tuple[int, Any]]:
     """Parquet, CSV, save_to_disk directories and hub names through `datasets`, caching only to a temporary dir."""
     import datasets  # heavy: imported only when a file needs it
 
@@ -211,14 +246,16 @@ def _read_with_datasets(name: str, kind: str, target: Any, split: str | None) ->
                 ds = datasets.load_from_disk(str(target), keep_in_memory=True)
             else:
                 ds = datasets.load_dataset(target, split=split, cache_dir=cache, keep_in_memory=True)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(name, None, None, f"no split {split!r} (available: {', '.join(ds)})")
+                ds = ds[split]
+            return list(enumerate(ds.to_list(), 1))  # inside the `try`: arrow may fail only when it converts
+        except DataError:
+            raise
         except Exception as e:  # any reader failure is a data problem for the caller
             where = "from the Hugging Face hub" if kind == "hub" else f"as {kind}"
             raise DataError(name, None, None, f"cannot load {where}: {type(e).__name__}: {e}") from e
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise DataError(name, None, None, f"no split {split!r} (available: {', '.join(ds)})")
-            ds = ds[split]
-        return list(enumerate(ds.to_list(), 1))
 
 
 # ---------------------------------------------------------------------------------------------------- row parsers
@@ -341,7 +378,7 @@ def _pref_ranking(row: dict, cols: dict[str, str]) -> PreferenceGroup:
     if len(_typed(col_k, ranks, list)) != k:
         raise _RowError(col_k, f"{len(ranks)} ranks for {k} responses")
     if any(not isinstance(r, int) or isinstance(r, bool) for r in ranks) or sorted(ranks) != list(range(1, k + 1)):
-        raise _RowError(col_k, f"ranks {ranks} are not a permutation of 1..{k} (1 = best, no ties)")
+        raise _RowError(col_k, f"ranks {reprlib.repr(ranks)} are not a permutation of 1..{k} (1 = best, no ties)")
     return PreferenceGroup(prompt, tuple(responses), ranking_pairs(ranks))
 
 
@@ -391,6 +428,24 @@ def load_prompts(source: str | Path, *, columns: dict[str, str] | None = None, s
     return _load(source, "auto", parsers, _detect_prompts, columns, split, on_error, report_path)
 
 
+def read_corpus(source: str | Path, *, on_error: str = "raise", report_path: str | Path | None = None) -> list[str]:
+    """A pretraining (or PPO-ptx) corpus: the `text` of every row, each a non-empty string; bad rows as in `load_sft`."""
+    parsers = {"text": lambda row, cols: _text(row, "text", cols)}
+    return _load(source, "auto", parsers, lambda has, first: "text" if has("text") else None, None, "train", on_error,
+                 report_path)
+
+
+def is_corpus(source: str | Path) -> bool:
+    """Whether `source` is a corpus for `read_corpus` rather than SFT data: its first row has a `text` column and no
+    prompt, completion or messages column. A missing or unreadable source is not: its loader then says why."""
+    try:
+        rows = _read(source, "train")[1]
+    except DataError:
+        return False
+    first = next((row for _, row in rows if isinstance(row, dict) and row), {})
+    return "text" in first and not {"prompt", "completion", "messages"} & first.keys()
+
+
 def _detect_sft(has: Callable[[str], bool], first: Callable[[str], Any]) -> str | None:
     return "messages" if has("messages") else "prompt_completion" if has("prompt") and has("completion") else None
 
@@ -420,13 +475,7 @@ def _load(source, format, parsers, detect, columns, split, on_error, report_path
     if unknown := sorted(set(cols) - set(COLUMNS)):
         raise ValueError(f"Unknown column key: {unknown[0]!r} (expected some of: {', '.join(COLUMNS)})")
     name, rows = _read(source, split)
-    # "auto" looks at the first readable row only: every reader yields rows with one set of columns.
-    first = next((row for _, row in rows if isinstance(row, dict)), {})
-    found = format if format != "auto" else detect(lambda n: cols.get(n, n) in first,
-                                                    lambda n: first.get(cols.get(n, n)))
-    if found is None and first:
-        raise DataError(name, None, None, f"cannot detect the format from columns {sorted(first)}; pass format= "
-                        f"({', '.join(parsers)}) or columns= to map names")
+    found = format if format != "auto" else _detect(name, rows, detect, cols, parsers)
     records, errors = [], []
     for row_no, row in rows:
         error = row if isinstance(row, DataError) else None
@@ -447,6 +496,19 @@ def _load(source, format, parsers, detect, columns, split, on_error, report_path
         first_error = str(errors[0]).removeprefix(f"{name}, ")
         raise DataError(name, None, None, f"all {len(rows)} rows are invalid (first: {first_error})")
     return records
+
+
+def _detect(name: str, rows: list, detect: Callable, cols: dict[str, str], parsers: dict) -> str | None:
+    """The format of the first object row whose columns `detect` knows: every reader yields rows with one set of
+    columns, and the first rows that do not fit (a `{}`, a typo) are then reported as bad rows, not a bad file."""
+    objects = [row for _, row in rows if isinstance(row, dict)]
+    for row in objects:
+        if found := detect(lambda n, row=row: cols.get(n, n) in row, lambda n, row=row: row.get(cols.get(n, n))):
+            return found
+    if objects:
+        raise DataError(name, None, None, f"cannot detect the format from columns {sorted(objects[0])}; pass format= "
+                        f"({', '.join(parsers)}) or columns= to map names")
+    return None  # no object row at all: every row is already a DataError
 
 
 def _kind(value: Any) -> str:

@@ -18,11 +18,13 @@ from rlhf_core.loaders import (
     DataError,
     PreferenceGroup,
     SFTExample,
+    is_corpus,
     load_preferences,
     load_prompts,
     load_rows,
     load_sft,
     ranking_pairs,
+    read_corpus,
     render_dialogue,
 )
 
@@ -76,7 +78,7 @@ def test_preference_text(tmp_path):
 
 def test_conversational_preference_shares_its_prefix(tmp_path):
     history = [user("Hi"), bot("Hello."), user("Tell me a joke")]
-    implicit = {"chosen": history + [bot("Knock knock.")], "rejected": history + [bot("No.")]}
+    implicit = {"chosen": [*history, bot("Knock knock.")], "rejected": [*history, bot("No.")]}
     explicit = {"prompt": history, "chosen": [bot("Knock knock.")], "rejected": [bot("No.")]}
     a, b = load_preferences(write_lines(tmp_path / "conv.jsonl", [implicit, explicit]))
     assert a == b == PreferenceGroup(render_dialogue(history) + "\n\nAssistant:", (" Knock knock.", " No."), ((0, 1),))
@@ -205,6 +207,13 @@ def test_load_rows_returns_name_and_dicts(tmp_path):
 PC, PREF, RANK = SFT_ROWS[0], PREF_ROWS[0], {"prompt": "p", "responses": ["a", "b", "c"], "ranks": [1, 2, 3]}
 HH = {"chosen": "\n\nHuman: hi\n\nAssistant: yes", "rejected": "\n\nHuman: hi\n\nAssistant: no"}
 MSG = {"messages": [user("hi"), bot("yes")]}
+TEXT = {"text": "A document."}
+DEEP, DIGITS = b"[" * 5000, b"1" * 5000  # past Python's JSON nesting limit; past its int-from-text limit (4,300 digits)
+
+
+def rank_line(ranks: bytes) -> bytes:
+    return b'{"prompt": "p", "responses": ["a", "b", "c"], "ranks": ' + ranks + b"}"
+
 
 # (id, loader, good first row, bad second row, field named, reason fragment)
 MALFORMED = [
@@ -236,6 +245,33 @@ MALFORMED = [
     ("not-json", load_sft, PC, b'{"prompt": "p", "completion": ', None, "not valid JSON"),
     ("not-an-object", load_sft, PC, b'["p", "c"]', None, "expected a JSON object, got a list"),
     ("bad-utf8", load_sft, PC, b'{"prompt": "caf\xe9", "completion": "c"}', None, "not valid UTF-8 (byte 0xe9"),
+    ("deep-nesting-line", load_sft, PC, DEEP, None, "not valid JSON (nested too deeply)"),
+    ("deep-nesting-in-field", load_sft, PC, b'{"prompt": ' + DEEP + b"]" * 5000 + b', "completion": "c"}', None,
+     "nested too deeply"),
+    ("deep-but-legal-nesting", load_preferences, RANK, rank_line(b"[1, 2, " + b"[" * 900 + b"]" * 900 + b"]"),
+     "ranks", "ranks [1, 2, [[[[[[...]]]]]]] are not a perm"),
+    ("5000-digit-integer", load_sft, PC, b'{"prompt": "p", "completion": ' + DIGITS + b"}", None,
+     "not valid JSON (an integer longer than 4300 digits)"),
+    ("lone-surrogate", load_sft, PC, b'{"prompt": "p", "completion": "ok \\ud800"}', "completion",
+     "not valid Unicode: lone surrogate '\\ud800'"),
+    ("lone-surrogate-in-a-message", load_sft, MSG, b'{"messages": [{"role": "user", "content": "\\udc00"}]}',
+     "messages", "not valid Unicode: lone surrogate"),
+    ("lone-surrogate-in-a-key", load_sft, PC, b'{"prompt": "p", "completion": "c", "\\ud800": 1}', "'\\ud800'",
+     "not valid Unicode: lone surrogate"),
+    ("nul-byte", load_sft, PC, b'{"prompt": "p\x00", "completion": "c"}', None, "not valid JSON (Invalid control"),
+    ("nul-escape", load_sft, PC, {"prompt": "p\x00", "completion": "c"}, "prompt", "contains a NUL character"),
+    ("rank-nan", load_preferences, RANK, rank_line(b"[1, 2, NaN]"), "ranks", "ranks [1, 2, nan] are not a perm"),
+    ("rank-infinity", load_preferences, RANK, rank_line(b"[1, 2, Infinity]"), "ranks", "are not a permutation"),
+    ("rank-huge-float", load_preferences, RANK, rank_line(b"[1, 2, 1e999]"), "ranks", "ranks [1, 2, inf] are not"),
+    ("rank-float", load_preferences, RANK, rank_line(b"[1, 2, 3.0]"), "ranks", "are not a permutation"),
+    ("row-is-null", load_sft, PC, b"null", None, "expected a JSON object, got null"),
+    ("row-is-a-string", load_prompts, PC, b'"Q: 2+2?"', None, "expected a JSON object, got a string"),
+    ("role-not-a-string", load_sft, MSG, {"messages": [{"role": ["user"], "content": "x"}, bot("y")]}, "messages",
+     "message 1 has unknown role ['user']"),
+    ("corpus-missing-text", read_corpus, TEXT, {"txt": "x"}, "text", "missing field"),
+    ("corpus-not-a-string", read_corpus, TEXT, {"text": ["x"]}, "text", "expected a string, got a list"),
+    ("corpus-empty-text", read_corpus, TEXT, {"text": " \n"}, "text", "empty text"),
+    ("corpus-lone-surrogate", read_corpus, TEXT, b'{"text": "\\ud83d"}', "text", "not valid Unicode: lone surrogate"),
 ]
 
 
@@ -249,6 +285,72 @@ def test_malformed_row_names_file_row_and_field(tmp_path, loader, good, bad, fie
     assert (err.file, err.row, err.field) == (str(path), 2, field)
     assert str(path) in msg and "row 2" in msg and reason in msg
     assert (f"field {field!r}" in msg) if field else ("field" not in msg)
+
+
+def gzipped(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
+
+
+GZ = gzipped(b"\n".join(json.dumps(PC).encode() for _ in range(50)))
+# (id, file name, bytes, row named, reason fragment): failures of a whole file, or of a document that is one row
+BAD_FILES = [
+    ("gzip-corrupt-body", "c.jsonl.gz", GZ[:10] + b"\xff" * 8 + GZ[18:], None, "not a valid gzip file (error: "),
+    ("gzip-truncated", "t.jsonl.gz", GZ[: len(GZ) // 2], None, "not a valid gzip file (EOFError: "),
+    ("gzip-bad-header", "h.json.gz", b"not gzip", None, "not a valid gzip file (BadGzipFile: "),
+    ("gzip-bad-crc", "k.jsonl.gz", GZ[:-8] + bytes(4) + GZ[-4:], None, "CRC check failed"),
+    ("json-too-deep", "d.json", DEEP, None, "not valid JSON (nested too deeply)"),
+    ("json-5000-digits", "i.json", b"[" + DIGITS + b"]", None, "an integer longer than 4300 digits"),
+    ("json-not-utf8", "u.json", b'[{"prompt": "\xff"}]', None, "not valid UTF-8 (byte 0xff on line 1)"),
+    ("json-is-a-string", "s.json", b'"hello"', 1, "expected a JSON object, got a string"),
+    ("json-is-a-number", "n.json", b"42", 1, "expected a JSON object, got a number"),
+    ("empty-jsonl", "e.jsonl", b"", None, "no rows (empty file)"),
+    ("empty-json", "e.json", b"", None, "no rows (empty file)"),
+    ("empty-gzip", "e.jsonl.gz", gzipped(b""), None, "no rows (empty file)"),
+    ("empty-csv", "e.csv", b"", None, "no rows"),
+    ("empty-parquet", "e.parquet", b"", None, "cannot load as parquet"),
+    ("parquet-garbage", "g.parquet", b"PAR1 not really", None, "cannot load as parquet"),
+    ("csv-unclosed-quote", "q.csv", b'prompt,completion\n"p,c\nx,y\n', None, "cannot load as csv"),
+    ("csv-not-utf8", "b.csv", b"prompt,completion\ncaf\xe9,c\n", None, "cannot load as csv"),
+]
+
+
+@pytest.mark.parametrize(("name", "data", "row", "reason"), [c[1:] for c in BAD_FILES], ids=[c[0] for c in BAD_FILES])
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_malformed_file_raises_data_error_in_both_modes(tmp_path, name, data, row, reason, on_error):
+    (path := tmp_path / name).write_bytes(data)
+    with pytest.raises(DataError) as info:
+        load_sft(path, on_error=on_error)
+    assert (info.value.file, info.value.row) == (str(path), row if on_error == "raise" else None)
+    assert reason in str(info.value)  # under "skip", inside "all 1 rows are invalid (first: ...)"
+
+
+def test_unreadable_file_is_a_data_error(tmp_path, monkeypatch):
+    path = write_lines(tmp_path / "locked.jsonl", SFT_ROWS)
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)  # root reads any file, so chmod cannot make one unreadable
+    with pytest.raises(DataError, match=r"locked.jsonl: cannot read the file \(Permission denied\)"):
+        load_sft(path, on_error="skip")
+
+
+def test_first_row_empty_object_is_a_bad_row_not_a_crash(tmp_path):
+    path = write_lines(tmp_path / "first_empty.jsonl", [{}, *SFT_ROWS])
+    with pytest.raises(DataError) as info:
+        load_sft(path)
+    assert (info.value.row, info.value.field, info.value.reason) == (1, "prompt", "missing field")
+    assert load_sft(path, on_error="skip") == [SFTExample(**r) for r in SFT_ROWS]
+    with pytest.raises(DataError, match=r"only_empty.jsonl: cannot detect the format from columns \[\]"):
+        load_sft(write_lines(tmp_path / "only_empty.jsonl", [{}, {}]))
+
+
+def test_skip_reports_lone_surrogates_and_loads_the_rest(tmp_path):
+    path = write_lines(tmp_path / "s.jsonl", [SFT_ROWS[0], b'{"prompt": "\\udfff", "completion": "c"}', SFT_ROWS[1]])
+    report = tmp_path / "report.json"
+    assert load_sft(path, on_error="skip", report_path=report) == [SFTExample(**r) for r in SFT_ROWS]
+    assert json.loads(report.read_text())["errors"] == [
+        {"row": 2, "field": "prompt", "reason": "not valid Unicode: lone surrogate '\\udfff'"}]
 
 
 def test_file_not_found_and_empty_file(tmp_path):
@@ -293,6 +395,42 @@ def test_data_error_pickles():
 def test_import_pulls_in_neither_prefect_nor_dvc():
     code = "import sys, rlhf_core.loaders; print(sorted({'prefect', 'dvc', 'datasets'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+# ------------------------------------------------------------------------------------------------ corpus
+
+
+def test_read_corpus_from_every_source(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows, texts = [{"text": "One."}, {"text": "Two, with a comma."}], ["One.", "Two, with a comma."]
+    write_lines(tmp_path / "c.jsonl", rows)
+    (tmp_path / "c.jsonl.gz").write_bytes(gzipped((tmp_path / "c.jsonl").read_bytes()))
+    (tmp_path / "c.json").write_text(json.dumps(rows))
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "c.parquet"))
+    ds.to_csv(str(tmp_path / "c.csv"), index=False)
+    ds.save_to_disk(str(tmp_path / "disk"))
+    for name in ("c.jsonl", "c.jsonl.gz", "c.json", "c.parquet", "c.csv", "disk"):
+        assert read_corpus(tmp_path / name) == texts, name
+        assert is_corpus(tmp_path / name), name
+
+
+def test_read_corpus_skips_and_reports_bad_rows(tmp_path):
+    path = write_lines(tmp_path / "corpus.jsonl", [TEXT, {"text": 7}, b"{", TEXT])
+    report = tmp_path / "report.json"
+    assert read_corpus(path, on_error="skip", report_path=report) == [TEXT["text"]] * 2
+    assert [(e["row"], e["field"]) for e in json.loads(report.read_text())["errors"]] == [(2, "text"), (3, None)]
+    with pytest.raises(DataError, match=r"corpus.jsonl, row 2, field 'text': expected a string, got a number"):
+        read_corpus(path)
+
+
+def test_is_corpus_tells_a_corpus_from_sft_data(tmp_path):
+    assert is_corpus(write_lines(tmp_path / "a.jsonl", [b"not json", {}, TEXT]))  # the first row with columns
+    assert not is_corpus(write_lines(tmp_path / "b.jsonl", [{"text": "t", "prompt": "p", "completion": "c"}]))
+    assert not is_corpus(write_lines(tmp_path / "c.jsonl", SFT_ROWS))
+    assert not is_corpus(write_lines(tmp_path / "d.jsonl", [{"messages": [user("hi"), bot("yo")], "text": "t"}]))
+    assert not is_corpus(tmp_path / "missing.jsonl")  # load_sft then names the problem
+    assert not is_corpus(write_lines(tmp_path / "e.jsonl", [b"{"]))
 
 
 # ------------------------------------------------------------------------------------------------ real data

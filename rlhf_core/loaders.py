@@ -515,3 +515,37 @@ def _kind(value: Any) -> str:
     """A JSON-ish type name for messages: 'a number', 'a list', 'null'."""
     names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
     return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# what a stage reads
+
+
+@dataclass(frozen=True)
+class DataInput:
+    """One data set a stage reads: where (a resolved local path or a hub name) and how that stage loads it. Stages
+    declare theirs (`<stage>.inputs(cfg)`), so the stage, the data stage and MLflow lineage load them one way."""
+
+    source: str
+    """local path (resolved under base.data_dir) or hub dataset name"""
+    loader: Callable[..., list]
+    """load(source, **options, report_path=...) -> records"""
+    options: tuple[tuple[str, Any], ...] = ()
+    """the loader's keyword options (format, columns, on_error, ...)"""
+
+    def load(self, report_path: str | Path | None = None) -> list:
+        kw = dict(self.options)
+        if report_path is not None and "on_error" in kw:
+            kw["report_path"] = report_path
+        return self.loader(self.source, **kw)
+
+    @property
+    def local(self) -> Path | None:
+        """The local file or folder, or None for a hub dataset."""
+        path = Path(self.source)
+        return path if path.exists() else None
+
+
+def declare(cfg, specs: dict[str, str | None], loader: Callable[..., list], **options) -> dict[str, DataInput]:
+    """{config key: DataInput} for the data specs a stage names (None = not used), resolved by cfg.data_path."""
+    return {key: DataInput(cfg.data_path(spec), loader, tuple(options.items())) for key, spec in specs.items() if spec}

@@ -1,11 +1,12 @@
 """Load SFT, preference, prompt and pretraining-corpus data sets into the project's record types, rejecting bad rows
 loudly.
 
-Sources: a local `.jsonl`, `.json` (array or JSON lines), `.jsonl.gz`/`.json.gz`, `.parquet`, `.csv`, a directory
-written by `Dataset.save_to_disk`/`DatasetDict.save_to_disk`, or else a Hugging Face hub name. Any malformed input
-(bad bytes, bad JSON, corrupt gzip, wrong types, text that is not valid Unicode) raises `DataError` naming file,
-1-based row (the line, for JSON lines) and field, never another exception; `on_error="skip"` drops bad rows instead and
-can write a report of them. A file that cannot be read at all is a `DataError` in either mode.
+Sources (read into raw rows by `rlhf_core.readers`): a local `.jsonl`, `.json` (array or JSON lines),
+`.jsonl.gz`/`.json.gz`, `.parquet`, `.csv`, a directory written by `Dataset.save_to_disk`/`DatasetDict.save_to_disk`,
+or else a Hugging Face hub name. Any malformed input (bad bytes, bad JSON, corrupt gzip, wrong types, text that is not
+valid Unicode) raises `DataError` naming file, 1-based row (the line, for JSON lines) and field, never another
+exception; `on_error="skip"` drops bad rows instead and can write a report of them. A file that cannot be read at all
+is a `DataError` in either mode.
 
     from rlhf_core.loaders import load_preferences
     groups = load_preferences("../shared/data/hh-rlhf-harmless/comparisons.jsonl.gz", format="hh")
@@ -13,43 +14,19 @@ can write a report of them. A file that cannot be read at all is a `DataError` i
 
 from __future__ import annotations
 
-import codecs
-import csv
-import gzip
 import itertools
-import json
-import re
 import reprlib
-import sys
-import tempfile
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rlhf_core.io import write_json
+from rlhf_core.readers import DataError, json_kind, read_rows
 
 HUMAN, ASSISTANT, SYSTEM = "\n\nHuman:", "\n\nAssistant:", "\n\nSystem:"
 _ROLE_MARKERS = {"system": SYSTEM, "user": HUMAN, "assistant": ASSISTANT}
 COLUMNS = ("prompt", "completion", "chosen", "rejected", "messages", "responses", "ranks")
-_LOCAL_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet", ".csv")
-# NUL and lone surrogates (JSON can spell "\ud800") load as Python strings but break UTF-8 encoding and tokenizers.
-_BAD_CHAR = re.compile("[\x00\ud800-\udfff]")
-
-
-class DataError(ValueError):
-    """A data set that cannot be loaded: `str()` reads `data/prefs.jsonl, row 17, field 'chosen': empty response`."""
-
-    def __init__(self, file: str, row: int | None, field: str | None, reason: str):
-        # All four go to args so the error survives pickling (Prefect ships exceptions between processes).
-        super().__init__(str(file), row, field, reason)
-        self.file, self.row, self.field, self.reason = str(file), row, field, reason
-
-    def __str__(self) -> str:
-        where = [self.file] + ([f"row {self.row}"] if self.row is not None else [])
-        where += [f"field {self.field!r}"] if self.field is not None else []
-        return f"{', '.join(where)}: {self.reason}"
 
 
 class _RowError(Exception):
@@ -97,12 +74,12 @@ def render_dialogue(messages: Sequence[dict]) -> str:
     parts = []
     for i, message in enumerate(messages, 1):
         if not isinstance(message, dict):
-            raise TypeError(f"message {i} is {_kind(message)}, expected an object with role and content")
+            raise TypeError(f"message {i} is {json_kind(message)}, expected an object with role and content")
         role, content = message.get("role"), message.get("content")
         if not isinstance(role, str) or role not in _ROLE_MARKERS:
             raise ValueError(f"message {i} has unknown role {reprlib.repr(role)} (expected system, user or assistant)")
         if not isinstance(content, str):
-            raise TypeError(f"message {i} content is {_kind(content)}, expected a string")
+            raise TypeError(f"message {i} content is {json_kind(content)}, expected a string")
         parts.append(f"{_ROLE_MARKERS[role]} {content}")
     return "".join(parts)
 
@@ -111,151 +88,6 @@ def ranking_pairs(ranks: Sequence[int]) -> tuple[tuple[int, int], ...]:
     """All C(K,2) (winner, loser) index pairs implied by `ranks` (1 = best), ordered best winner first."""
     order = sorted(range(len(ranks)), key=ranks.__getitem__)  # indices, best first
     return tuple((order[a], order[b]) for a, b in itertools.combinations(range(len(order)), 2))
-
-
-# ---------------------------------------------------------------------------------------------------------- reading
-
-
-def load_rows(source: str | Path, *, split: str = "train") -> tuple[str, list[dict]]:
-    """Read `source` into (display name, list of row dicts); raise `DataError` at the first unreadable row."""
-    name, rows = _read(source, split)
-    for _, row in rows:
-        if isinstance(row, DataError):
-            raise row
-    return name, [row for _, row in rows]
-
-
-def _read(source: str | Path, split: str) -> tuple[str, list[tuple[int, dict | DataError]]]:
-    """(display name, [(1-based row, row dict or the DataError that row raised)]); unreadable lines stay skippable."""
-    name, path = str(source), Path(source).expanduser()
-    if path.is_dir():
-        rows = _read_with_datasets(name, "disk", path, split)
-    elif path.is_file():
-        rows = _read_file(name, path)
-    elif isinstance(source, Path) or name.lower().endswith(_LOCAL_SUFFIXES) or name.startswith(("/", ".", "~")):
-        raise DataError(name, None, None, "no such file or directory")
-    else:
-        rows = _read_with_datasets(name, "hub", name, split)
-    if not rows:
-        raise DataError(name, None, None, "no rows (empty file)")
-    # Vetted once here for every reader, so no row parser (nor a tokenizer, later) meets a non-object or broken text.
-    return name, [(row_no, _vet(name, row_no, row)) for row_no, row in rows]
-
-
-def _read_file(name: str, path: Path) -> list[tuple[int, Any]]:
-    suffix = path.suffix.lower()
-    inner = Path(path.stem).suffix.lower() if suffix == ".gz" else suffix
-    if inner in (".jsonl", ".json"):
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise DataError(name, None, None, f"cannot read the file ({e.strerror or e})") from None
-        if suffix == ".gz":
-            try:
-                data = gzip.decompress(data)
-            except (OSError, EOFError, zlib.error) as e:  # bad header: OSError; truncated: EOFError; corrupt: zlib
-                raise DataError(name, None, None, f"not a valid gzip file ({type(e).__name__}: {e})") from None
-        data = data.removeprefix(codecs.BOM_UTF8)
-        return _parse_json_document(name, data) if inner == ".json" else _parse_json_lines(name, data)
-    if suffix in (".parquet", ".csv") and suffix == inner:
-        return _read_with_datasets(name, suffix[1:], path, None)
-    raise DataError(name, None, None, f"unsupported file type; expected one of {', '.join(_LOCAL_SUFFIXES)} or a "
-                    "save_to_disk directory (.gz only for .jsonl and .json)")
-
-
-def _parse_json_lines(name: str, data: bytes) -> list[tuple[int, Any]]:
-    # Parsed here rather than by `datasets` so that a bad line is reported by number and can be skipped alone.
-    rows: list[tuple[int, Any]] = []
-    for line_no, raw in enumerate(data.split(b"\n"), 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            rows.append((line_no, DataError(name, line_no, None, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at "
-                                                                  f"column {e.start + 1})")))
-            continue
-        if not line.strip():
-            continue
-        try:
-            rows.append((line_no, json.loads(line)))
-        except (ValueError, RecursionError) as e:
-            rows.append((line_no, DataError(name, line_no, None, _json_fault(e, with_line=False))))
-    return rows
-
-
-def _parse_json_document(name: str, data: bytes) -> list[tuple[int, Any]]:
-    """A `.json` file: a JSON array of objects (row = element number) or else JSON lines."""
-    if not data.lstrip().startswith(b"["):
-        return _parse_json_lines(name, data)
-    try:
-        doc = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        line_no = data[: e.start].count(b"\n") + 1
-        raise DataError(name, None, None, f"not valid UTF-8 (byte 0x{data[e.start]:02x} on line {line_no})") from None
-    except (ValueError, RecursionError) as e:
-        raise DataError(name, None, None, _json_fault(e, with_line=True)) from None
-    return list(enumerate(doc, 1))
-
-
-def _json_fault(e: ValueError | RecursionError, with_line: bool) -> str:
-    """Why `json.loads` failed: bad syntax (at its column, and line if `with_line`), or JSON Python cannot hold."""
-    if isinstance(e, json.JSONDecodeError):
-        return f"not valid JSON ({e.msg} at {f'line {e.lineno}, ' if with_line else ''}column {e.colno})"
-    if isinstance(e, RecursionError):
-        return "not valid JSON (nested too deeply)"
-    return f"not valid JSON (an integer longer than {sys.get_int_max_str_digits()} digits)"
-
-
-def _vet(name: str, row_no: int, row: Any) -> dict | DataError:
-    """The row, or the `DataError` it earns: not an object, or a string in it (key or value) that is not valid text."""
-    if isinstance(row, DataError):
-        return row
-    if not isinstance(row, dict):
-        return DataError(name, row_no, None, f"expected a JSON object, got {_kind(row)}")
-    for key, value in row.items():
-        stack = [key, value]  # a loop, not recursion: JSON may nest ~1,000 deep
-        while stack:
-            if isinstance(v := stack.pop(), str) and (bad := _BAD_CHAR.search(v)):
-                why = "contains a NUL character" if bad[0] == "\x00" else f"not valid Unicode: lone surrogate {bad[0]!a}"
-                # A broken column name is shown escaped: the message itself must encode (reports, logs, terminals).
-                return DataError(name, row_no, ascii(key) if _BAD_CHAR.search(key) else key, why)
-            if isinstance(v, dict):
-                stack += [*v, *v.values()]
-            elif isinstance(v, (list, tuple)):
-                stack += v
-    return row
-
-
-def _read_with_datasets(name: str, kind: str, target: Any, split: str | None) -> list[tuple[int, Any]]:
-    """Parquet, CSV, save_to_disk directories and hub names through `datasets`, caching only to a temporary dir."""
-    import datasets  # heavy: imported only when a file needs it
-
-    # keep_in_memory + a throwaway cache_dir: nothing lands in ~/.cache and no stale fingerprinted cache is reused.
-    with tempfile.TemporaryDirectory(prefix="rlhf-datasets-") as cache:
-        try:
-            if kind == "parquet":
-                ds = datasets.Dataset.from_parquet(str(target), cache_dir=cache, keep_in_memory=True)
-            elif kind == "csv":
-                # Every cell as text: pandas would turn a completion like "42" into a number.
-                with open(target, newline="", encoding="utf-8") as f:
-                    header, body = next(reader := csv.reader(f), []), next(reader, None)
-                if body is None:
-                    return []  # header only: `datasets` would fail obscurely; the caller reports "no rows"
-                text = datasets.Features({c: datasets.Value("string") for c in header})
-                ds = datasets.Dataset.from_csv(str(target), cache_dir=cache, keep_in_memory=True, features=text)
-            elif kind == "disk":
-                ds = datasets.load_from_disk(str(target), keep_in_memory=True)
-            else:
-                ds = datasets.load_dataset(target, split=split, cache_dir=cache, keep_in_memory=True)
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise DataError(name, None, None, f"no split {split!r} (available: {', '.join(ds)})")
-                ds = ds[split]
-            return list(enumerate(ds.to_list(), 1))  # inside the `try`: arrow may fail only when it converts
-        except DataError:
-            raise
-        except Exception as e:  # any reader failure is a data problem for the caller
-            where = "from the Hugging Face hub" if kind == "hub" else f"as {kind}"
-            raise DataError(name, None, None, f"cannot load {where}: {type(e).__name__}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------------- row parsers
@@ -273,7 +105,7 @@ def _get(row: dict, name: str, cols: dict[str, str]) -> tuple[str, Any]:
 
 def _typed(col: str, value: Any, kind: type) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise _RowError(col, f"expected {'a string' if kind is str else 'a list'}, got {_kind(value)}")
+        raise _RowError(col, f"expected {'a string' if kind is str else 'a list'}, got {json_kind(value)}")
     return value
 
 
@@ -370,7 +202,7 @@ def _pref_ranking(row: dict, cols: dict[str, str]) -> PreferenceGroup:
         raise _RowError(col_s, f"a ranking needs at least 2 responses, got {k}")
     for i, response in enumerate(responses, 1):
         if not isinstance(response, str) or not response.strip():
-            raise _RowError(col_s, f"response {i} is {'empty' if isinstance(response, str) else _kind(response)}")
+            raise _RowError(col_s, f"response {i} is {'empty' if isinstance(response, str) else json_kind(response)}")
     stripped = [r.strip() for r in responses]
     if len(set(stripped)) < k:
         dup = next(i for i, r in enumerate(stripped) if stripped.index(r) != i)
@@ -439,11 +271,20 @@ def is_corpus(source: str | Path) -> bool:
     """Whether `source` is a corpus for `read_corpus` rather than SFT data: its first row has a `text` column and no
     prompt, completion or messages column. A missing or unreadable source is not: its loader then says why."""
     try:
-        rows = _read(source, "train")[1]
+        rows = read_rows(source, "train")[1]
     except DataError:
         return False
     first = next((row for _, row in rows if isinstance(row, dict) and row), {})
     return "text" in first and not {"prompt", "completion", "messages"} & first.keys()
+
+
+def load_rows(source: str | Path, *, split: str = "train") -> tuple[str, list[dict]]:
+    """Read `source` into (display name, list of row dicts); raise `DataError` at the first unreadable row."""
+    name, rows = read_rows(source, split)
+    for _, row in rows:
+        if isinstance(row, DataError):
+            raise row
+    return name, [row for _, row in rows]
 
 
 def _detect_sft(has: Callable[[str], bool], first: Callable[[str], Any]) -> str | None:
@@ -474,7 +315,7 @@ def _load(source, format, parsers, detect, columns, split, on_error, report_path
     cols = dict(columns or {})
     if unknown := sorted(set(cols) - set(COLUMNS)):
         raise ValueError(f"Unknown column key: {unknown[0]!r} (expected some of: {', '.join(COLUMNS)})")
-    name, rows = _read(source, split)
+    name, rows = read_rows(source, split)
     found = format if format != "auto" else _detect(name, rows, detect, cols, parsers)
     records, errors = [], []
     for row_no, row in rows:
@@ -509,12 +350,6 @@ def _detect(name: str, rows: list, detect: Callable, cols: dict[str, str], parse
         raise DataError(name, None, None, f"cannot detect the format from columns {sorted(objects[0])}; pass format= "
                         f"({', '.join(parsers)}) or columns= to map names")
     return None  # no object row at all: every row is already a DataError
-
-
-def _kind(value: Any) -> str:
-    """A JSON-ish type name for messages: 'a number', 'a list', 'null'."""
-    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import warnings
-from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -84,46 +82,34 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         mlflow.MlflowClient().log_batch(run_id, metrics=items[i:i + 1000])
 
 
-def inputs(cfg: Config) -> dict[str, tuple[Path, Callable]]:
-    """Every local data file or folder the stages read: config key -> (path, how that stage loads it). Hub datasets
-    are left out (the stage that needs one downloads it)."""
-    from rlhf_core import loaders
-    from rlhf_core.pretrain import read_corpus
+def stage_inputs(cfg: Config, stage: str) -> dict:
+    """The data one stage reads, as the stage declares it (`rlhf_core.cli.stage_inputs`): the data stage reads all
+    of it, the sweep what PPO and evaluation read."""
+    from rlhf_core.cli import stage_inputs as declared
 
-    s, r, p, e = cfg.sft, cfg.reward, cfg.ppo, cfg.evaluate
-    sft = partial(loaders.load_sft, format=s.format, columns=s.columns or None, on_error=s.on_error)
-    prefs = partial(loaders.load_preferences, format=r.format, columns=r.columns or None, on_error=r.on_error)
-    specs = {"pretrain.corpus": (None if cfg.base.model else "pretrain.jsonl", read_corpus),  # fixed name
-             "sft.train_data": (s.train_data, sft), "sft.eval_data": (s.eval_data, sft),
-             "reward.train_data": (r.train_data, prefs), "reward.eval_data": (r.eval_data, prefs),
-             "ppo.prompts": (p.prompts, partial(loaders.load_prompts, columns=p.columns or None)),
-             "ppo.sample_prompts": (p.sample_prompts, partial(loaders.load_prompts, columns=p.columns or None)),
-             "ppo.ptx_data": (p.ptx_data, loaders.load_sft),
-             "evaluate.prompts": (e.prompts, partial(loaders.load_prompts, columns=e.columns or None))}
-    paths = {key: (Path(cfg.data_path(spec)) if spec else None, load) for key, (spec, load) in specs.items()}
-    return {key: (path, load) for key, (path, load) in paths.items() if path is not None and path.exists()}
+    if stage == "sweep":
+        return {**declared(cfg, "ppo"), **declared(cfg, "evaluate")}
+    return declared(cfg, stage)
 
 
-def stage_inputs(cfg: Config, stage: str) -> dict[str, Path]:
-    """The inputs one stage reads (the data stage: all of them; the sweep: PPO's and evaluation's)."""
-    sections = {"data": None, "sweep": ("ppo", "evaluate")}.get(stage, (stage,))
-    return {key: path for key, (path, _) in inputs(cfg).items() if sections is None or key.split(".")[0] in sections}
+def log_lineage(inputs: dict, digest: str, context: str = "training") -> None:
+    """`mlflow.log_input` for each local data set a stage reads, loaded by the stage's own loader (so a bad row fails
+    here with the file, row and field it would fail with in the stage), named by its path, with the DVC data version
+    as digest. Hub datasets are left to the stage that downloads them."""
+    import dataclasses
+    import json
 
-
-def log_lineage(files: dict[str, Path], digest: str, context: str = "training") -> None:
-    """`mlflow.log_input` for each file, named by its path and carrying the DVC data version as digest."""
     import pandas as pd
 
-    readers = {".jsonl": lambda p: pd.read_json(p, lines=True), ".json": pd.read_json, ".csv": pd.read_csv,
-               ".parquet": pd.read_parquet}
-    for path in files.values():
-        suffix = path.suffix if path.suffix != ".gz" else Path(path.stem).suffix
-        if suffix not in readers:
+    for key, data in inputs.items():
+        if data.local is None:
             continue
+        records = [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else {key.split(".")[-1]: r}
+                   for r in data.load()]
+        frame = pd.DataFrame([{k: v if isinstance(v, str) else json.dumps(v) for k, v in r.items()} for r in records])
         with warnings.catch_warnings():  # "source can be interpreted in multiple ways": both mean a local file
             warnings.simplefilter("ignore")
-            ds = mlflow.data.from_pandas(readers[suffix](path), source=str(path.resolve()), digest=digest,
-                                         name=str(path))
+            ds = mlflow.data.from_pandas(frame, source=str(data.local.resolve()), digest=digest, name=str(data.local))
         mlflow.log_input(ds, context=context)
 
 

@@ -42,7 +42,6 @@ def run_stage(cfg: Config, stage: str, sink=None):
 
 
 def _run(cfg: Config, stage: str, out: Path, sink):
-    from rlhf_core.labeler import SimulatedLabeler
     from rlhf_core.models import base_model_path
 
     sft_model, reward_model = str(cfg.stage_dir("sft") / "model"), str(cfg.stage_dir("reward") / "model")
@@ -53,17 +52,22 @@ def _run(cfg: Config, stage: str, out: Path, sink):
         from rlhf_core.sft import train_sft
         return train_sft(cfg, base_model_path(cfg), out, sink)
     if stage == "reward":
+        from rlhf_core.labeler import SimulatedLabeler
         from rlhf_core.reward import train_reward
         init = {"sft": sft_model, "base": base_model_path(cfg)}.get(cfg.reward.init_from, cfg.reward.init_from)
         gold = SimulatedLabeler() if cfg.reward.gold_eval else None
         return train_reward(cfg, init, sft_model, out, sink, gold=gold)
     if stage == "ppo":
+        from rlhf_core.labeler import SimulatedLabeler
         from rlhf_core.ppo import train_ppo
         return train_ppo(cfg, sft_model, reward_model, out, sink, gold=SimulatedLabeler())
-    from rlhf_core.evaluate import evaluate
-    ppo = cfg.stage_dir("ppo")
-    return evaluate(cfg, sft_model, reward_model, {"policy": ppo / "model"}, out, sink, gold=SimulatedLabeler(),
-                    snapshots=ppo / "snapshots")
+    if stage == "evaluate":
+        from rlhf_core.evaluate import evaluate
+        from rlhf_core.labeler import SimulatedLabeler
+        ppo = cfg.stage_dir("ppo")
+        return evaluate(cfg, sft_model, reward_model, {"policy": ppo / "model"}, out, sink, gold=SimulatedLabeler(),
+                        snapshots=ppo / "snapshots")
+    raise ValueError(f"{stage!r} has no runner")
 
 
 def stage_inputs(cfg: Config, stage: str) -> dict:
@@ -103,6 +107,17 @@ def config_from_arguments(args: argparse.Namespace) -> Config:
         raise SystemExit(2) from None
 
 
+def expected_errors() -> tuple[type[Exception], ...]:
+    """Errors that say what went wrong and what to do: bad data, a busy output directory, a diverged run, an
+    unloadable model."""
+    from rlhf_core.io import LockedError
+    from rlhf_core.loaders import DataError
+    from rlhf_core.models import ModelLoadError
+    from rlhf_core.training import NonFiniteError
+
+    return DataError, LockedError, ModelLoadError, NonFiniteError
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rlhf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("stage", choices=(*STAGES, "all", "check-config"), help="what to run")
@@ -115,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for stage in STAGES if args.stage == "all" else (args.stage,):
         t0 = time.perf_counter()
-        result = run_stage(cfg, stage)
+        try:
+            result = run_stage(cfg, stage)
+        except expected_errors() as e:  # a clear one-paragraph message, not a traceback
+            print(f"{stage}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
         print(json.dumps({"stage": stage, "seconds": round(time.perf_counter() - t0, 1),
                           "outputs": {k: str(v) for k, v in result.outputs.items()},
                           "metrics": result.metrics}, indent=2, default=str))

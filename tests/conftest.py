@@ -25,11 +25,11 @@ def tiny_params(tmp: Path) -> dict:
         "data": {"pretrain_docs": 1500, "sft_train": 320, "sft_test": 48, "rankings_train": 192, "rankings_test": 48,
                  "pairs_train": 64, "pairs_test": 32, "rl_prompts": 64, "eval_prompts": 32},
         "pretrain": {"vocab_size": 400, "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 128, "seq_len": 64,
-                     "batch_size": 16, "steps": 60, "lr": 3e-3, "warmup_steps": 5},
+                     "batch_size": 16, "steps": 60, "lr": 3e-3, "warmup_steps": 5, "checkpoint_every": 10},
         "sft": {"epochs": 3, "batch_size": 16, "micro_batch_size": 8, "lr": 3e-3, "max_length": 64, "eval_every": 5,
                 "checkpoint_every": 4},
         "reward": {"epochs": 1, "batch_size": 16, "micro_batch_size": 8, "lr": 1e-3, "max_length": 64, "normalize_samples": 16,
-                   "eval_every": 6},
+                   "eval_every": 6, "checkpoint_every": 3},
     }
 
 

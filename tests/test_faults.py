@@ -34,6 +34,7 @@ TINY_PPO = {"updates": 3, "rollout_batch_size": 8, "mini_batch_size": 4, "micro_
 def workdir(tmp: Path, tiny_run, stage: str, **sections) -> Path:
     """A params file over the tiny run's data, with the tiny run's upstream models linked into its out_dir."""
     cfg0, results = tiny_run
+    tmp.mkdir(parents=True, exist_ok=True)
     params = tiny_params(tmp)
     params["base"].update(data_dir=cfg0.base.data_dir, num_threads=1)  # 1 thread: bitwise-reproducible kernels
     params["ppo"] = dict(TINY_PPO)

@@ -35,7 +35,7 @@ from rlhf_core.forwards import decode_responses, ppo_proxy, response_logprobs, s
 from rlhf_core.labeler import SimulatedLabeler, words
 from rlhf_core.losses import token_logprobs
 from rlhf_core.models import load_causal_lm, load_reward_model, load_tokenizer
-from rlhf_core.training import MetricsSink, StageResult, null_sink, progress, write_metrics
+from rlhf_core.training import MetricsSink, StageResult, null_sink, progress, setup_stage, write_metrics
 
 
 @dataclass
@@ -58,20 +58,25 @@ def inputs(cfg: Config) -> dict[str, loaders.DataInput]:
 
 
 @torch.no_grad()
-def sample_and_score(model, ref, rm, tok, prompts: list[str], cfg: Config, gold, seed: int) -> Samples:
-    """1. sample one response per prompt as PPO does, 2. log-probs under the model and SFT, 3. proxy and gold."""
-    p = cfg.ppo
+def sample_and_score(model, ref, rm, tok, prompts: list[str], cfg: Config, gold, seed: int,
+                     bf16: bool = False) -> Samples:
+    """1. sample one response per prompt as PPO does, 2. log-probs under the model and SFT, 3. proxy and gold; the
+    forwards at the run's precision (bf16 autocast or not), as in PPO."""
+    p, device = cfg.ppo, next(model.parameters()).device
     torch.manual_seed(seed)
     model.eval()
     texts, cols = [], {k: [] for k in ("proxy", "logprobs", "ref_logprobs", "lengths", "has_eos")}
     for chunk in batched(prompts, cfg.evaluate.batch_size):
-        c = sample_as_ppo(model, tok, chunk, p, keep_logits=True)
+        with runtime.autocast(device, bf16):
+            c = sample_as_ppo(model, tok, chunk, p, keep_logits=True)
         rmask, q = c.response_mask, c.queries.shape[1]
         logp = (token_logprobs(c.logits, c.responses, p.temperature) * rmask).sum(1)          # (B,) from the sampler
         c.logits = None
-        ref_logp = logp if ref is model else (response_logprobs(ref, c.input_ids, c.attention_mask, q, c.responses,
-                                                                 p.temperature) * rmask).sum(1)  # (B,)
-        for k, v in (("proxy", ppo_proxy(rm, c, p)), ("logprobs", logp), ("ref_logprobs", ref_logp),
+        with runtime.autocast(device, bf16):
+            ref_logp = logp if ref is model else (response_logprobs(ref, c.input_ids, c.attention_mask, q,
+                                                                     c.responses, p.temperature) * rmask).sum(1)
+            proxy = ppo_proxy(rm, c, p)                                                       # (B,)
+        for k, v in (("proxy", proxy), ("logprobs", logp), ("ref_logprobs", ref_logp),
                      ("lengths", rmask.sum(1)), ("has_eos", c.has_eos)):
             cols[k].append(v.cpu())
         texts.extend(decode_responses(tok, c.responses))
@@ -120,11 +125,12 @@ def curve_point(s: Samples, base: Samples) -> dict[str, float]:
             "gold": gold, "gold_se": gold_se}
 
 
-def best_of_n_curve(ref, rm, tok, prompts: list[str], cfg: Config, gold, seed: int) -> list[dict[str, float]]:
+def best_of_n_curve(ref, rm, tok, prompts: list[str], cfg: Config, gold, seed: int,
+                    bf16: bool = False) -> list[dict[str, float]]:
     """Best-of-n from SFT for n = 1..bon_n: bon_n samples per prompt drawn once, the proxy-best of n picked by the
     unbiased all-subsets estimator; d = sqrt(KL_bon(n)), proxy and gold relative to n = 1 (the SFT mean)."""
     big_n, prompts = cfg.evaluate.bon_n, prompts[:cfg.evaluate.bon_prompts]
-    s = sample_and_score(ref, ref, rm, tok, [p for p in prompts for _ in range(big_n)], cfg, gold, seed)
+    s = sample_and_score(ref, ref, rm, tok, [p for p in prompts for _ in range(big_n)], cfg, gold, seed, bf16)
     proxy, golds = s.proxy.reshape(len(prompts), big_n), s.gold.reshape(len(prompts), big_n)  # (P, N)
     rows = []
     for n in range(1, big_n + 1):
@@ -171,9 +177,7 @@ def evaluate(cfg: Config, sft_model: str, reward_model: str, policies: dict[str,
     e, out_dir, gold = cfg.evaluate, Path(out_dir), gold or SimulatedLabeler()
     if "sft" in policies:
         raise ValueError('"sft" names the reference model; give the policy another name')
-    runtime.set_threads(cfg.base)
-    device = runtime.resolve_device(cfg.base)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    device, bf16 = setup_stage(cfg, out_dir)
 
     # 1. models and prompts
     tok = load_tokenizer(sft_model)
@@ -189,11 +193,11 @@ def evaluate(cfg: Config, sft_model: str, reward_model: str, policies: dict[str,
     results: dict[str, Samples] = {}
     for name, path in models.items():
         model = ref if name == "sft" else load_causal_lm(path, tok).to(device).requires_grad_(False)
-        results[name] = sample_and_score(model, ref, rm, tok, prompts, cfg, gold, cfg.base.seed)
+        results[name] = sample_and_score(model, ref, rm, tok, prompts, cfg, gold, cfg.base.seed, bf16)
         bar.update(1)
     base = results["sft"]
     # an independent SFT sample to win against: common random numbers would make a policy near SFT tie with it
-    rival = sample_and_score(ref, ref, rm, tok, prompts, cfg, gold, cfg.base.seed + 1)
+    rival = sample_and_score(ref, ref, rm, tok, prompts, cfg, gold, cfg.base.seed + 1, bf16)
     bar.update(1)
     metrics = {k: v for name in (*policies, "sft")
                for k, v in summarize(str(name), results[str(name)], base, rival).items()}
@@ -203,7 +207,7 @@ def evaluate(cfg: Config, sft_model: str, reward_model: str, policies: dict[str,
     for p in snaps:
         rl_rows.append({"update": int(p.name.split("_")[1]), **curve_point(results[f"snapshot_{p.name}"], base)})
         sink({f"overopt/{k}": v for k, v in rl_rows[-1].items() if k != "update"}, rl_rows[-1]["update"])
-    bon_rows = best_of_n_curve(ref, rm, tok, prompts, cfg, gold, cfg.base.seed) if e.bon_n > 0 else []
+    bon_rows = best_of_n_curve(ref, rm, tok, prompts, cfg, gold, cfg.base.seed, bf16) if e.bon_n > 0 else []
     bar.update(e.bon_n > 0)
     bar.close()
     if not snaps:
@@ -219,7 +223,7 @@ def evaluate(cfg: Config, sft_model: str, reward_model: str, policies: dict[str,
         for name, s in results.items() for i in range(len(prompts))])
     io.write_text(out_dir / "report.md", report(cfg, prompts, results, [str(k) for k in policies], metrics, fits,
                                                 alarm, rl_rows, gold))
-    metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+    metrics = {**{k: v for k, v in metrics.items() if math.isfinite(v)}, "bf16": float(bf16)}
     sink(metrics, 0)
     write_metrics(out_dir / "metrics.json", metrics)
     return StageResult({"metrics": out_dir / "metrics.json", "report": out_dir / "report.md",

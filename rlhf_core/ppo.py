@@ -326,10 +326,10 @@ def train_ppo(cfg: Config, sft_model: str, reward_model: str, out_dir: Path, sin
         bar.update(1)
         bar.set_postfix(score=f"{stats['objective/scores']:.2f}", kl=f"{stats['objective/kl']:.2f}", refresh=False)
     bar.close()
-    return finish(pv.policy, tok, state, out_dir, work)
+    return finish(pv.policy, tok, state, out_dir, work, bf16)
 
 
-def finish(policy: nn.Module, tok, state: dict, out_dir: Path, work: Path) -> StageResult:
+def finish(policy: nn.Module, tok, state: dict, out_dir: Path, work: Path, bf16: bool) -> StageResult:
     """Every declared output, from the final state (also when a resumed run had no update left): the policy, the
     history, the last update's metrics, and the samples and snapshots (hard links, so a kill before the checkpoint is
     dropped loses nothing), then the checkpoint goes."""
@@ -338,7 +338,7 @@ def finish(policy: nn.Module, tok, state: dict, out_dir: Path, work: Path) -> St
         save_pretrained(policy, tok, tmp)
     io.write_jsonl(out_dir / "history.jsonl", state["history"])
     final = {k: v for k, v in state["history"][-1].items() if not k.startswith("time/") and k != "step"}
-    final["kl_coef_final"] = state["kl_coef"]
+    final.update(kl_coef_final=state["kl_coef"], bf16=float(bf16))
     write_metrics(out_dir / "metrics.json", final)
     for name in ("samples", "snapshots"):
         with io.atomic_path(out_dir / name) as tmp:

@@ -133,6 +133,22 @@ def sft_sample_offset(model, sft_model: str, tok, prompts: list[str], cfg: Confi
     return -torch.cat(scores).mean().item()
 
 
+def accumulate_gradients(model, groups: list[loaders.PreferenceGroup], tok, r, device,
+                         bf16: bool) -> tuple[float, float, int]:
+    """Backward of one batch's ranking loss: one forward per response, every micro batch's loss weighted by its share
+    of the batch's prompts. Returns (loss, pair accuracy, responses scored)."""
+    loss_sum, correct, n_pairs, sequences = 0.0, 0, 0, 0
+    for mb in batched(groups, r.micro_batch_size):
+        rows, pairs, group_ids = group_rows(mb, tok, r.max_length, device)
+        rewards = score_rows(model, rows, tok.pad_token_id, device, r.rows_per_forward, bf16)  # (N,)
+        loss = ranking_loss(rewards, pairs, group_ids, r.margin, r.center_rewards_coef)
+        (loss * len(mb) / len(groups)).backward()
+        loss_sum += loss.item() * len(mb) / len(groups)
+        correct += (rewards[pairs[:, 0]] > rewards[pairs[:, 1]]).sum().item()
+        n_pairs, sequences = n_pairs + len(pairs), sequences + len(rewards)
+    return loss_sum, correct / n_pairs, sequences
+
+
 def train_reward(cfg: Config, init_model: str, sft_model: str | None, out_dir: Path, sink: MetricsSink = null_sink,
                  gold=None) -> StageResult:
     """Train a reward model from `init_model`'s trunk; `sft_model` samples set the reward offset (None = skip).
@@ -155,22 +171,14 @@ def train_reward(cfg: Config, init_model: str, sft_model: str | None, out_dir: P
     replay(sink, state["history"])
     sink = recording(sink, state["history"])
 
-    # 2. train: one forward per response; every micro batch's loss weighted by its share of the batch's prompts
+    # 2. train
     bar = progress(total_steps, f"reward ({r.ranking_mode})", initial=state["step"], sink=sink)
     for step, batch_idx in epoch_batches(len(train), r.batch_size, cfg.base.seed, per_epoch, total_steps,
                                          state["step"]):
-        loss_sum, correct, n_pairs = 0.0, 0, 0
-        for mb in batched(batch_idx, r.micro_batch_size):
-            rows, pairs, group_ids = group_rows([train[j] for j in mb], tok, r.max_length, device)
-            rewards = score_rows(model, rows, tok.pad_token_id, device, r.rows_per_forward, bf16)  # (N,)
-            loss = ranking_loss(rewards, pairs, group_ids, r.margin, r.center_rewards_coef)
-            (loss * len(mb) / len(batch_idx)).backward()
-            loss_sum += loss.item() * len(mb) / len(batch_idx)
-            correct += (rewards[pairs[:, 0]] > rewards[pairs[:, 1]]).sum().item()
-            n_pairs += len(pairs)
-            state["sequences"] += len(rewards)
+        loss_sum, accuracy, sequences = accumulate_gradients(model, [train[j] for j in batch_idx], tok, r, device, bf16)
+        state["sequences"] += sequences
         grad_norm = optimizer_step(model.parameters(), opt, sched, r.max_grad_norm, loss_sum, f"reward step {step + 1}")
-        metrics = {"train/loss": loss_sum, "train/accuracy": correct / n_pairs, "train/grad_norm": grad_norm,
+        metrics = {"train/loss": loss_sum, "train/accuracy": accuracy, "train/grad_norm": grad_norm,
                    "train/lr": sched.get_last_lr()[0], "train/sequences": state["sequences"]}
         if (step + 1) % r.eval_every == 0 and step + 1 < total_steps:  # the last evaluation follows the reward shift
             metrics.update(held_out_accuracy(model, tok, held_out, cfg, bf16, gold))

@@ -71,6 +71,21 @@ def evaluate_loss(model, rows: list[Row], pad_id: int, micro: int, device, bf16:
     return total / max(count, 1)
 
 
+def accumulate_gradients(model, rows: list[Row], micro: int, pad_id: int, device, bf16: bool) -> float:
+    """Backward of one batch's completion loss over length-sorted micro batches, each weighted by its share of the
+    batch's completion tokens (so the gradient is the whole batch's); returns the batch's mean token loss."""
+    batches = [b for _, b in length_sorted_batches(rows, micro, pad_id, device)]
+    n_tokens = sum(b["loss_mask"][:, 1:].sum() for b in batches).clamp(min=1)
+    loss_sum = 0.0
+    for b in batches:
+        with runtime.autocast(device, bf16):
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        loss, n = lm_loss(logits, b["input_ids"], b["loss_mask"])
+        (loss * n / n_tokens).backward()
+        loss_sum += (loss * n).item()
+    return loss_sum / n_tokens.item()
+
+
 def train_sft(cfg: Config, base_model: str, out_dir: Path, sink: MetricsSink = null_sink) -> StageResult:
     """Fine-tune `base_model` on cfg.sft's demonstrations; returns the model dir and metrics."""
     s, out_dir = cfg.sft, Path(out_dir)
@@ -103,17 +118,8 @@ def train_sft(cfg: Config, base_model: str, out_dir: Path, sink: MetricsSink = n
     bar = progress(total_steps, "sft", initial=state["step"], sink=sink)
     for step, batch_idx in epoch_batches(len(train_rows), s.batch_size, cfg.base.seed, per_epoch, total_steps,
                                          state["step"]):
-        micro = [b for _, b in length_sorted_batches([train_rows[j] for j in batch_idx], s.micro_batch_size,
-                                                     tok.pad_token_id, device)]
-        n_tokens = sum(b["loss_mask"][:, 1:].sum() for b in micro).clamp(min=1)
-        loss_sum = 0.0
-        for b in micro:
-            with runtime.autocast(device, bf16):
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
-            loss, n = lm_loss(logits, b["input_ids"], b["loss_mask"])
-            (loss * n / n_tokens).backward()
-            loss_sum += (loss * n).item()
-        metrics = {"train/loss": loss_sum / n_tokens.item()}
+        metrics = {"train/loss": accumulate_gradients(model, [train_rows[j] for j in batch_idx], s.micro_batch_size,
+                                                      tok.pad_token_id, device, bf16)}
         metrics["train/grad_norm"] = optimizer_step(model.parameters(), opt, sched, s.max_grad_norm,
                                                     metrics["train/loss"], f"sft step {step + 1}")
         metrics.update({"train/lr": sched.get_last_lr()[0], "train/epoch": (step + 1) / per_epoch})

@@ -29,6 +29,7 @@ from rlhf_core import io, loaders, runtime
 from rlhf_core.batching import collate, tokenize_example
 from rlhf_core.config import Config
 from rlhf_core.forwards import (
+    Completions,
     decode_responses,
     lm_forward,
     ppo_proxy,
@@ -71,31 +72,20 @@ from rlhf_core.training import (
 
 
 @dataclass
-class Rollout:
-    """One batch of episodes. B = responses, Q = prompt tokens (left-padded), R = response tokens."""
+class Rollout(Completions):
+    """One batch of episodes: the sampled completions (queries, query_mask, responses, response_mask, has_eos; no
+    logits) and what PPO computed on them. B = responses, Q = prompt tokens (left-padded), R = response tokens."""
 
-    queries: torch.Tensor        # (B, Q) prompt ids, left-padded with PAD
-    query_mask: torch.Tensor     # (B, Q) 1 on real prompt tokens
-    responses: torch.Tensor      # (B, R) sampled ids, PAD after the first EOS
-    response_mask: torch.Tensor  # (B, R) 1 on kept tokens, up to and including the first EOS
-    logprobs: torch.Tensor       # (B, R) log pi_old(a_t | s_t) of the policy that sampled, at the sampling temperature
-    ref_logprobs: torch.Tensor   # (B, R) log pi_SFT(a_t | s_t), same temperature
-    values: torch.Tensor         # (B, R) V_old(s_t)
-    scores: torch.Tensor         # (B,) reward-model score after the no-EOS rule
-    rewards: torch.Tensor        # (B, R) -beta KL per token, plus the score on the last kept token
-    advantages: torch.Tensor     # (B, R) GAE advantages, whitened over the batch
-    returns: torch.Tensor        # (B, R) GAE returns (advantages before whitening + values)
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return torch.cat([self.queries, self.responses], 1)                  # (B, Q + R)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.query_mask, self.response_mask], 1)           # (B, Q + R)
+    logprobs: torch.Tensor = None      # (B, R) log pi_old(a_t | s_t) of the policy that sampled, at the temperature
+    ref_logprobs: torch.Tensor = None  # (B, R) log pi_SFT(a_t | s_t), same temperature
+    values: torch.Tensor = None        # (B, R) V_old(s_t)
+    scores: torch.Tensor = None        # (B,) reward-model score after the no-EOS rule
+    rewards: torch.Tensor = None       # (B, R) -beta KL per token, plus the score on the last kept token
+    advantages: torch.Tensor = None    # (B, R) GAE advantages, whitened over the batch
+    returns: torch.Tensor = None       # (B, R) GAE returns (advantages before whitening + values)
 
     def select(self, idx: torch.Tensor) -> Rollout:
-        return Rollout(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        return Rollout(**{f.name: None if v is None else v[idx] for f in fields(self) for v in [getattr(self, f.name)]})
 
     def trimmed(self) -> Rollout:
         """The same episodes without the columns that are padding in every row: prompt columns left of the longest
@@ -104,8 +94,9 @@ class Rollout:
         prompt_cols, response_cols = self.query_mask.any(0).nonzero(), self.response_mask.any(0).nonzero()
         lo = int(prompt_cols[0]) if len(prompt_cols) else 0
         hi = int(response_cols[-1]) + 1 if len(response_cols) else self.responses.shape[1]
-        return Rollout(**{f.name: (v[:, lo:] if f.name in ("queries", "query_mask") else v[:, :hi] if v.dim() == 2
-                                   else v) for f in fields(self) for v in [getattr(self, f.name)]})
+        return Rollout(**{f.name: (v[:, lo:] if f.name in ("queries", "query_mask") else
+                                   v[:, :hi] if v is not None and v.dim() == 2 else v)
+                          for f in fields(self) for v in [getattr(self, f.name)]})
 
 
 class PolicyAndValue(nn.Module):
@@ -161,8 +152,9 @@ def rollout(pv: PolicyAndValue, ref: nn.Module, rm: nn.Module, tok, prompts: lis
         rewards = masked_whiten(rewards, rmask, shift_mean=False) * rmask
     advantages, returns = compute_gae(rewards, values, rmask, p.gamma, p.lam)
     advantages = masked_whiten(advantages, rmask) * rmask
-    batch = Rollout(queries, qmask, responses, rmask, logprobs * rmask, ref_logprobs * rmask, values * rmask,
-                    scores, rewards, advantages, returns)
+    batch = Rollout(queries, qmask, responses, rmask, has_eos, None, logprobs=logprobs * rmask,
+                    ref_logprobs=ref_logprobs * rmask, values=values * rmask, scores=scores, rewards=rewards,
+                    advantages=advantages, returns=returns)
     kl_sum = kl.sum(1)                                                        # (B,)
     non_score = (-kl_coef * kl).sum(1)                                        # (B,)
     stats = {"objective/kl": kl_sum.mean().item(),

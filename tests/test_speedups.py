@@ -138,8 +138,9 @@ def test_trimmed_minibatch_gives_the_same_ppo_losses_and_gradients():
         rmask[i, :n] = 1
     responses = torch.randint(2, 50, (b, r)).masked_fill(rmask == 0, PAD)
     rand = lambda: torch.randn(b, r) * rmask  # noqa: E731
-    batch = Rollout(queries, qmask, responses, rmask, rand() - 3, rand() - 3, rand(), torch.randn(b), rand(),
-                    rand(), rand())
+    batch = Rollout(queries, qmask, responses, rmask, rmask[:, -1] == 0, None, logprobs=rand() - 3,
+                    ref_logprobs=rand() - 3, values=rand(), scores=torch.randn(b), rewards=rand(), advantages=rand(),
+                    returns=rand())
     trimmed = batch.trimmed()
     assert trimmed.queries.shape == (b, q - 2) and trimmed.responses.shape == (b, 6)
     pv = PolicyAndValue(tiny_lm().train(), value_model=tiny_rm())

@@ -45,12 +45,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def recover(path: str | os.PathLike) -> None:
+    """Finish replacing a directory that a kill interrupted between atomic_path's two renames (the old version moved
+    aside, the new one, complete and fsynced, not yet in place): put the new one in place. Anything else is left."""
+    path = Path(path)
+    if path.exists():
+        return
+    for tmp in sorted(path.parent.glob(f".{path.name}.*.tmp")):
+        if (tmp / f"{path.name}.old").exists() and (tmp / path.name).exists():
+            os.replace(tmp / path.name, path)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync it and rename it over `path` (file or directory), else
-    delete it."""
+    delete it. A directory is replaced by two renames (rename() cannot replace a non-empty one); a kill between them
+    is repaired by `recover`, which this calls first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)) / path.name
     try:
         yield tmp

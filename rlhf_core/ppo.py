@@ -335,7 +335,8 @@ def finish(policy: nn.Module, tok, state: dict, out_dir: Path, work: Path, bf16:
     for name in ("samples", "snapshots"):
         with io.atomic_path(out_dir / name) as tmp:
             if (work / name).exists():
-                shutil.copytree(work / name, tmp, copy_function=os.link)
+                # dot-names are atomic writes a kill interrupted (io.atomic_path's temporaries): not outputs
+                shutil.copytree(work / name, tmp, copy_function=os.link, ignore=shutil.ignore_patterns(".*"))
             else:
                 tmp.mkdir()
     shutil.rmtree(work, ignore_errors=True)

@@ -218,6 +218,7 @@ def load_checkpoint(path: Path, model: nn.Module, opt, sched, expected: dict) ->
     last two are said on stderr and the stale checkpoint is removed."""
     from safetensors.torch import load_model
 
+    io.recover(path)
     if not (path / "state.json").exists():
         return None
     try:

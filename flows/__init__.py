@@ -5,7 +5,8 @@
     dvc repro                                   # the same stages, DVC deciding what is stale
 
 Modules: `dvc_cache` (DVC decides what reruns: the one cache), `tracking` (MLflow runs, tags, lineage), `stage`
-(the stage command), `registry` (model versions, aliases, evaluation gates), `pipeline` and `sweep` (the flows).
+(the stage command), `registry` (model versions, aliases, evaluation gates), `pipeline` and `sweep` (the flows),
+`lifecycle` (one flow at a time per checkout; nothing orphaned or left RUNNING when a flow is killed).
 
 Every process of the pipeline runs from the repository root (where dvc.yaml is). Importing this package fills in the
 environment the tools need when the caller has not set it (the caller's values always win), before Prefect or MLflow

@@ -14,9 +14,14 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable
+from io import StringIO
 from pathlib import Path
 
 import yaml
+
+from flows.lifecycle import die_with_parent
+from rlhf_core.config import Config, dump_params, from_dict, load_config, to_dict
+from rlhf_core.io import write_text
 
 RAN, RESTORED, SKIPPED = "ran", "restored", "skipped"
 RECORD_ENV = "RLHF_STAGE_RECORD"  # where the stage command writes {run_id, seconds} (flows/stage.py)
@@ -36,7 +41,8 @@ def tool_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def dvc(*args: str, repo: Path = Path("."), check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([dvc_bin(), *args], cwd=repo, env=tool_env(), capture_output=True, text=True, check=False)
+    proc = subprocess.run([dvc_bin(), *args], cwd=repo, env=tool_env(), capture_output=True, text=True, check=False,
+                          preexec_fn=die_with_parent)
     if check and proc.returncode != 0:
         raise RuntimeError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
     return proc
@@ -69,9 +75,10 @@ def data_is_current(repo: Path = Path(".")) -> bool:
 def stream(cmd: list[str], env: dict[str, str], on_line: Callable[[str], None],
            poll: Callable[[], None] | None = None, repo: Path = Path(".")) -> list[str]:
     """Run `cmd`, handing each output line to `on_line` and calling `poll` about once a second; returns the lines,
-    raises with the last ones on failure."""
+    raises with the last ones on failure. The command dies with this process (a killed flow leaves no stage
+    running)."""
     proc = subprocess.Popen(cmd, cwd=repo, text=True, env=tool_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     lines: list[str] = []
 
     def read() -> None:
@@ -104,34 +111,34 @@ def repro(stage: str, env: dict[str, str], on_line: Callable[[str], None], poll:
         return (RESTORED if any("is cached" in x for x in lines) else SKIPPED), None
 
 
-def set_params(overrides: list[str], profile: str | None = None, path: Path = Path("params.yaml")) -> bool:
-    """Write a profile (merged over) and dotted `key=value` overrides into params.yaml, as `dvc exp run --set-param`
-    does, so DVC's hashes see them; comments survive (ruamel round trip). Returns whether the file changed."""
+def write_params(cfg: Config, path: Path = Path("params.yaml")) -> bool:
+    """Make params.yaml say `cfg` (which `rlhf_core.config.load_config` merged from it, a profile and overrides), as
+    `dvc exp run --set-param` does, so that DVC's hashes see it. Only the values that differ are rewritten (a ruamel
+    round trip: comments and layout survive), atomically. Returns whether the file changed."""
     from ruamel.yaml import YAML
 
-    if not overrides and not profile:
-        return False
     rt = YAML()
     rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
-    doc = rt.load(path.read_text())
-    if profile:
-        _merge(doc, rt.load(Path(profile).read_text()) or {})
-    for item in overrides:
-        key, _, value = item.partition("=")
-        *parents, last = key.strip().split(".")
-        node = doc
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = yaml.safe_load(value)
     old = path.read_text()
-    with open(path, "w") as f:
-        rt.dump(doc, f)
-    return path.read_text() != old
+    doc = rt.load(old)
+    _assign(doc, to_dict(load_config(path)), to_dict(cfg))
+    buf = StringIO()
+    rt.dump(doc, buf)
+    if buf.getvalue() == old:
+        return False
+    if from_dict(yaml.safe_load(buf.getvalue())) != cfg:
+        raise RuntimeError(f"cannot write this config into {path} faithfully; write it by hand:\n{dump_params(cfg)}")
+    write_text(path, buf.getvalue())
+    return True
 
 
-def _merge(into, overlay) -> None:
-    for k, v in overlay.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
-            _merge(into[k], v)
-        else:
-            into[k] = v
+def _assign(doc, old: dict, new: dict) -> None:
+    """Set in `doc` (the file's YAML tree) each value of `new` that differs from `old` (what the file says now)."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(old.get(key), dict) and set(old[key]) <= set(value):
+            section = doc.get(key) if isinstance(doc.get(key), dict) else {}  # {}: the file leaves it to defaults
+            _assign(section, old[key], value)
+            if section:
+                doc[key] = section
+        elif old.get(key) != value:
+            doc[key] = list(value) if isinstance(value, tuple) else value

@@ -9,6 +9,8 @@ whether it runs (flows/dvc_cache.py, the one cache), and the task says what DVC 
 `rlhf_core.cli.STAGES` that dvc.yaml declares, in that order. MLflow: one parent run per flow run, a child run per
 stage (flows/tracking.py). Prefect artifacts: an evaluation report (markdown), a table of key metrics, a link to the
 MLflow run, and a progress bar per stage that trains. Retries only where I/O can fail: the DVC remote, the registry.
+One flow at a time per checkout (a second is refused, naming the first), and a killed flow leaves no process behind
+and nothing RUNNING once the next one starts (flows/lifecycle.py).
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from prefect import artifacts, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows import registry, tracking
+from flows import lifecycle, registry, tracking
 from flows.dvc_cache import (RAN, RECORD_ENV, WHY, data_is_current, data_md5, dvc, out_md5, pipeline_stages, repro,
-                             set_params, stream)
+                             stream, write_params)
 from flows.stage import PROGRESS_ENV
+from rlhf_core.cli import add_config_arguments, config_from_arguments
 from rlhf_core.config import Config, load_config
 
 NAMES = {"sft": "rlhf-sft", "reward": "rlhf-reward", "ppo": "rlhf-policy"}
@@ -102,9 +105,10 @@ class Progress:
 
 
 def child_env(parent_run_id: str, experiment_id: str, progress: Progress) -> dict[str, str]:
-    """What a stage command needs to log into the pipeline's MLflow run and report progress."""
+    """What a stage command needs to log into the pipeline's MLflow run, report progress and die with the flow."""
     return {tracking.PARENT_ENV: parent_run_id, tracking.FLOW_RUN_ENV: str(flow_run.id or ""),
-            "MLFLOW_EXPERIMENT_ID": experiment_id, PROGRESS_ENV: str(progress.path)}
+            "MLFLOW_EXPERIMENT_ID": experiment_id, PROGRESS_ENV: str(progress.path),
+            lifecycle.FLOW_PID_ENV: str(os.getpid())}
 
 
 def line_logger():
@@ -138,8 +142,8 @@ def run_stage(stage: str, parent_run_id: str, experiment_id: str) -> dict:
     if status == RAN:
         run_id = record["run_id"]
     else:
-        run_id = client.create_run(experiment_id, run_name=stage, tags=tracking.run_tags(
-            stage, parent_run_id, str(flow_run.id or ""))).info.run_id
+        run_id = client.create_run(experiment_id, run_name=stage, tags={**tracking.run_tags(
+            stage, parent_run_id, str(flow_run.id or "")), **lifecycle.owner_tags()}).info.run_id
         tracking.log_metrics(run_id, metrics)
         client.set_terminated(run_id)
     client.set_tag(run_id, "rlhf.dvc", status)
@@ -212,18 +216,23 @@ def report(results: dict, registered: dict, md5: str, sha: str, run_link: str, e
 
 
 def prepare(overrides: list[str] | None, profile: str | None) -> Config:
-    """Validate profile + overrides before any work, then write them into params.yaml so DVC's hashes see them."""
-    load_config("params.yaml", profile=profile, overrides=overrides or [])
-    if set_params(overrides or [], profile):
+    """Under the checkout's flow lock: close what a killed flow left RUNNING, then validate profile + overrides
+    before any work and write them into params.yaml so DVC's hashes see them."""
+    closed = lifecycle.close_abandoned_runs(str(flow_run.id) if flow_run.id else None)
+    if any(closed.values()):
+        print(f"closed what a killed flow of this checkout left running: {closed}")
+    cfg = load_config("params.yaml", profile=profile, overrides=overrides or [])
+    if write_params(cfg):
         print(f"params.yaml updated: profile={profile} overrides={overrides}")
-    return load_config("params.yaml")
+    return cfg
 
 
 def open_run(kind: str, parent_run_id: str | None, tags: dict[str, str] | None, cfg: Config) -> tuple[str, str]:
     """The flow's MLflow run (the parent of its stages' runs): returns (experiment id, run id)."""
     exp = tracking.experiment_id()
     run = MlflowClient().create_run(exp, run_name=f"{kind} {flow_run.name or ''}".strip(), tags={
-        **tracking.run_tags(None, parent_run_id, str(flow_run.id or "")), "rlhf.kind": kind, **(tags or {})})
+        **tracking.run_tags(None, parent_run_id, str(flow_run.id or "")), **lifecycle.owner_tags(), "rlhf.kind": kind,
+        **(tags or {})})
     tracking.log_params(run.info.run_id, tracking.flat_params(cfg))
     return exp, run.info.run_id
 
@@ -232,30 +241,34 @@ def open_run(kind: str, parent_run_id: str | None, tags: dict[str, str] | None, 
 def rlhf_pipeline(overrides: list[str] | None = None, profile: str | None = None, register_models: bool = True,
                   model_names: dict[str, str] | None = None, parent_run_id: str | None = None,
                   run_tags: dict[str, str] | None = None) -> dict:
-    """The whole pipeline on params.yaml (plus `profile` and `overrides`, written into it so DVC sees them)."""
-    cfg = prepare(overrides, profile)
-    md5 = version_data()
-    exp, pid = open_run("pipeline", parent_run_id, run_tags, cfg)
-    client = MlflowClient()
-    try:
-        results = {stage: run_stage(stage, pid, exp) for stage in stages_to_run()}
-        tracking.log_metrics(pid, {f"{m['stage']}/{m['metric']}": m["value"] for m in key_metrics(results)})
-        tags = tracking.run_tags(None, None, str(flow_run.id or ""))
-        registered = register(results, {**NAMES, **(model_names or {})}, tags, cfg.base.out_dir) \
-            if register_models else {}
-        link = tracking.run_url(pid)
-        text = report(results, registered, md5, tracking.git_sha(), link,
-                      cfg.stage_dir("evaluate") / "report.md")
-        artifacts.create_markdown_artifact(markdown=text, key="evaluation-report", description="evaluation report")
-        artifacts.create_table_artifact(table=key_metrics(results), key="key-metrics", description="key metrics")
-        artifacts.create_link_artifact(link=link, link_text="MLflow parent run", key="mlflow-run")
-        client.log_text(pid, text, "evaluation_report.md")
-        client.set_terminated(pid, "FINISHED")
-    except BaseException:
-        client.set_terminated(pid, "FAILED")
-        raise
-    return {"flow_run_id": str(flow_run.id or ""), "parent_run_id": pid, "experiment_id": exp, "data_md5": md5,
-            "stages": results, "registered": registered, "mlflow_url": link}
+    """The whole pipeline on params.yaml (plus `profile` and `overrides`, written into it so DVC sees them). One flow
+    at a time per checkout: a second one raises `rlhf_core.io.LockedError` naming the first."""
+    with lifecycle.one_flow_per_checkout():
+        cfg = prepare(overrides, profile)
+        md5 = version_data()
+        exp, pid = open_run("pipeline", parent_run_id, run_tags, cfg)
+        client = MlflowClient()
+        try:
+            results = {stage: run_stage(stage, pid, exp) for stage in stages_to_run()}
+            tracking.log_metrics(pid, {f"{m['stage']}/{m['metric']}": m["value"] for m in key_metrics(results)})
+            tags = tracking.run_tags(None, None, str(flow_run.id or ""))
+            registered = register(results, {**NAMES, **(model_names or {})}, tags, cfg.base.out_dir) \
+                if register_models else {}
+            link = tracking.run_url(pid)
+            text = report(results, registered, md5, tracking.git_sha(), link,
+                          cfg.stage_dir("evaluate") / "report.md")
+            artifacts.create_markdown_artifact(markdown=text, key="evaluation-report",
+                                               description="evaluation report")
+            artifacts.create_table_artifact(table=key_metrics(results), key="key-metrics",
+                                            description="key metrics")
+            artifacts.create_link_artifact(link=link, link_text="MLflow parent run", key="mlflow-run")
+            client.log_text(pid, text, "evaluation_report.md")
+            client.set_terminated(pid, "FINISHED")
+        except BaseException:
+            client.set_terminated(pid, "FAILED")
+            raise
+        return {"flow_run_id": str(flow_run.id or ""), "parent_run_id": pid, "experiment_id": exp, "data_md5": md5,
+                "stages": results, "registered": registered, "mlflow_url": link}
 
 
 def where_to_look(summary: dict) -> str:
@@ -273,16 +286,25 @@ def where_to_look(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--profile", default=None, help="a partial params file merged into params.yaml")
-    ap.add_argument("--no-register", action="store_true", help="skip the model registry step")
+def check_arguments(ap: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """A flow's command line: --profile and --set checked (a bad key exits with status 2) before anything starts."""
     args = ap.parse_args(argv)
     if not Path("dvc.yaml").exists():
         raise SystemExit("run from the repository root (where dvc.yaml is)")
-    summary = rlhf_pipeline(overrides=args.overrides, profile=args.profile, register_models=not args.no_register)
+    if args.params != "params.yaml":
+        ap.error("the flows run on params.yaml (dvc.yaml reads it): change it with --profile or --set")
+    config_from_arguments(args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(ap)
+    ap.add_argument("--no-register", action="store_true", help="skip the model registry step")
+    args = check_arguments(ap, argv)
+    with lifecycle.flow_process():
+        summary = rlhf_pipeline(overrides=args.overrides, profile=args.profile, register_models=not args.no_register)
     print(where_to_look(summary))
     return 0
 

@@ -7,7 +7,9 @@ Runs `rlhf_core.cli.run_stage(cfg, stage, sink)` on params.yaml with a sink that
 and keeps them for <out_dir>/<stage>/history.csv (a DVC plot); system metrics are on. Logs the stage's params, its
 input files as datasets (digest: data.dvc's md5) and its small outputs (metrics, samples, plots, reports) as
 artifacts; models stay in DVC's cache until the registry step logs the ones it registers. Under the flow the run
-is a child of the pipeline's parent run (RLHF_PARENT_RUN_ID); by hand it is a run of its own.
+is a child of the pipeline's parent run (RLHF_PARENT_RUN_ID); by hand it is a run of its own. Run by DVC or a flow,
+it dies with them; and it fails if params.yaml changed while it ran (DVC would record the new params for outputs
+made with the old ones).
 
 The `data` stage validates instead of generating: data/ is data.dvc's output, so no dvc.yaml stage may write it.
 It loads every input file the later stages will read with their loaders and settings and writes
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import mlflow
 
-from flows import tracking
+from flows import lifecycle, tracking
 from flows.dvc_cache import RECORD_ENV, data_md5
 from rlhf_core import io
 from rlhf_core.config import Config, load_config
@@ -36,7 +38,7 @@ from rlhf_core.training import StageResult
 
 PROGRESS_ENV = "RLHF_PROGRESS_FILE"
 SOMETIMES_DIRS = {"ppo": ("snapshots", "samples"), "evaluate": ("plots",)}
-PROGRESS_BAR = {"sweep": "ppo"}  # whose tqdm bar tells a stage's progress (the sweep's: each PPO run's)
+PARAMS = Path("params.yaml")
 
 
 def validate_data(cfg: Config) -> StageResult:
@@ -49,29 +51,28 @@ def validate_data(cfg: Config) -> StageResult:
 
 class Sink:
     """The metrics sink: MLflow per step (asynchronously, so training never waits on the tracking store), a history
-    for the CSV plot, and a progress file the flow turns into a Prefect progress artifact."""
+    for the CSV plot, and a progress file (steps done of `total`) the flow turns into a Prefect progress artifact."""
 
-    def __init__(self, bar: str, progress_file: str | None):
-        self.bar, self.progress_file, self.rows, self.last_write = bar, progress_file, [], 0.0
+    def __init__(self, progress_file: str | None):
+        self.progress_file, self.rows, self.total, self.last_write = progress_file, [], None, 0.0
 
     def __call__(self, metrics: dict[str, float], step: int) -> None:
         mlflow.log_metrics(tracking.numeric(metrics), step=step, synchronous=False)
         self.rows.append({"step": step, **metrics})
         if self.progress_file and time.monotonic() - self.last_write > 1.0:
-            io.write_json(self.progress_file, {"step": step, "total": self._total()})
+            io.write_json(self.progress_file, {"step": step, "total": self.total})
             self.last_write = time.monotonic()
 
-    def _total(self) -> int | None:
-        # rlhf_core reports steps, not totals; its tqdm bar (desc starting with the stage name) knows the total.
-        from tqdm import tqdm
-
-        bars = [b for b in list(getattr(tqdm, "_instances", [])) if str(b.desc).startswith(self.bar)]
-        return int(bars[0].total) if bars and bars[0].total else None
+    def set_total(self, total: int) -> None:
+        """How many steps the stage will take (`rlhf_core.training.progress` calls it when its bar starts)."""
+        self.total, self.last_write = int(total), 0.0  # the next step writes the progress file at once
 
     def write_csv(self, path: Path) -> Path | None:
         if not self.rows:
             return None
-        columns = list(dict.fromkeys(k for row in self.rows for k in row))
+        # sorted: a run resumed from a checkpoint replays its history with the keys in another order, and must still
+        # write the uninterrupted run's file byte for byte (DVC hashes it)
+        columns = ["step", *sorted({k for row in self.rows for k in row} - {"step"})]
         with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
@@ -126,6 +127,15 @@ def run(cfg: Config, stage: str, sink: Sink, kl_coefs: list[float]) -> StageResu
     return result
 
 
+def check_params_unchanged(loaded: str) -> None:
+    """Fail when params.yaml is no longer the text this stage loaded. DVC records the params it reads *after* the
+    command exits: it would pair outputs made with one value with another. Failing leaves dvc.lock without an entry
+    for this stage, so it reruns next time."""
+    if PARAMS.read_text() != loaded:
+        raise SystemExit(f"{PARAMS} changed while this stage ran: its outputs were made with the params it loaded "
+                         "at the start, so it fails rather than let DVC record the new ones; rerun it")
+
+
 def main(argv: list[str] | None = None) -> int:
     from rlhf_core.cli import STAGES
 
@@ -136,14 +146,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("stage", choices=(*STAGES, "sweep"))
     ap.add_argument("--kl-coefs", type=float, nargs="+", default=[], help="sweep only: one PPO run per coefficient")
     args = ap.parse_args(argv)
-    stage, cfg = args.stage, load_config("params.yaml")
+    if os.environ.get("DVC_STAGE") or os.environ.get(lifecycle.FLOW_PID_ENV):  # run by DVC or a flow: die with it
+        lifecycle.die_with_flow()
+    params_text = PARAMS.read_text()
+    stage, cfg = args.stage, load_config(PARAMS)
     if cfg.base.data_dir != "data":
         raise SystemExit("base.data_dir must be `data`: data.dvc versions data/ and dvc.yaml's stages depend on it")
-    sink, t0 = Sink(PROGRESS_BAR.get(stage, stage), os.environ.get(PROGRESS_ENV)), time.perf_counter()
+    sink, t0 = Sink(os.environ.get(PROGRESS_ENV)), time.perf_counter()
     stage_dir = cfg.stage_dir(stage)
     with mlflow.start_run(experiment_id=tracking.experiment_id(), run_name=stage, log_system_metrics=True,
-                          tags=tracking.run_tags(stage, os.environ.get(tracking.PARENT_ENV),
-                                                 os.environ.get(tracking.FLOW_RUN_ENV))) as mlrun:
+                          tags={**tracking.run_tags(stage, os.environ.get(tracking.PARENT_ENV),
+                                                    os.environ.get(tracking.FLOW_RUN_ENV)),
+                                **lifecycle.owner_tags()}) as mlrun:
         sections = ["base", "ppo", "evaluate"] if stage == "sweep" else ["base", stage]
         tracking.log_params(mlrun.info.run_id, tracking.flat_params(cfg, sections))
         if args.kl_coefs:
@@ -159,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         log_outputs(stage_dir)
         seconds = time.perf_counter() - t0
         mlflow.log_metric("stage/seconds", seconds)
+        check_params_unchanged(params_text)
     if record := os.environ.get(RECORD_ENV):
         io.write_json(record, {"run_id": mlrun.info.run_id, "seconds": seconds})
     print(json.dumps({"stage": stage, "mlflow_run_id": mlrun.info.run_id, "seconds": round(seconds, 1),

@@ -28,7 +28,7 @@ from prefect import artifacts, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows import lifecycle, registry, tracking
+from flows import lifecycle, precision, registry, tracking
 from flows.dvc_cache import (RAN, RECORD_ENV, WHY, data_is_current, data_md5, dvc, out_md5, pipeline_stages, repro,
                              stream, write_params)
 from flows.stage import PROGRESS_ENV
@@ -224,6 +224,7 @@ def prepare(overrides: list[str] | None, profile: str | None) -> Config:
     cfg = load_config("params.yaml", profile=profile, overrides=overrides or [])
     if write_params(cfg):
         print(f"params.yaml updated: profile={profile} overrides={overrides}")
+    precision.record(cfg)  # this host's precision where DVC sees it, before it decides what reruns
     return cfg
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import mlflow
 
-from flows import lifecycle, tracking
+from flows import lifecycle, precision, tracking
 from flows.dvc_cache import RECORD_ENV, data_md5
 from rlhf_core import io
 from rlhf_core.config import Config, load_config
@@ -43,7 +43,7 @@ PARAMS = Path("params.yaml")
 
 def validate_data(cfg: Config) -> StageResult:
     """Load every local input of the later stages as they will load it; rows per input into <out>/data/report.json."""
-    rows = {key: len(load(path)) for key, (path, load) in tracking.inputs(cfg).items()}
+    rows = {key: len(data.load()) for key, data in tracking.stage_inputs(cfg, "data").items() if data.local}
     out = cfg.stage_dir("data") / "report.json"
     io.write_json(out, {"data_md5": data_md5(), "rows": rows})
     return StageResult({"report": out}, {f"rows/{k}": v for k, v in rows.items()})
@@ -154,12 +154,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("base.data_dir must be `data`: data.dvc versions data/ and dvc.yaml's stages depend on it")
     sink, t0 = Sink(os.environ.get(PROGRESS_ENV)), time.perf_counter()
     stage_dir = cfg.stage_dir(stage)
+    precision_record = precision.record(cfg)  # before the stage runs: DVC reads it for dvc.lock after it ends
     with mlflow.start_run(experiment_id=tracking.experiment_id(), run_name=stage, log_system_metrics=True,
                           tags={**tracking.run_tags(stage, os.environ.get(tracking.PARENT_ENV),
                                                     os.environ.get(tracking.FLOW_RUN_ENV)),
                                 **lifecycle.owner_tags()}) as mlrun:
         sections = ["base", "ppo", "evaluate"] if stage == "sweep" else ["base", stage]
         tracking.log_params(mlrun.info.run_id, tracking.flat_params(cfg, sections))
+        mlflow.set_tags(precision.tags(precision_record))
         if args.kl_coefs:
             mlflow.log_param("sweep.kl_coefs", " ".join(map(str, args.kl_coefs)))
         tracking.log_lineage(tracking.stage_inputs(cfg, stage), digest=data_md5(),

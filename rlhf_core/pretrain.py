@@ -40,7 +40,7 @@ from rlhf_core.training import (
 
 def inputs(cfg: Config) -> dict[str, loaders.DataInput]:
     """The data this stage reads, and how (none when base.model names a pretrained model)."""
-    corpus = None if cfg.base.model else str(Path(cfg.base.data_dir) / "pretrain.jsonl")
+    corpus = None if cfg.base.model else "pretrain.jsonl"  # a fixed name under base.data_dir
     return loaders.declare(cfg, {"pretrain.corpus": corpus}, loaders.read_corpus)
 
 

@@ -130,7 +130,7 @@ def version_data() -> str:
 
 
 @task(cache_policy=NO_CACHE, task_run_name="{stage}")
-def run_stage(stage: str, parent_run_id: str, experiment_id: str) -> dict:
+def stage_task(stage: str, parent_run_id: str, experiment_id: str) -> dict:
     """`dvc repro --single-item <stage>`; a child MLflow run either way (opened by the stage command when DVC runs
     it, here when DVC skipped it or restored it from its run-cache)."""
     with tempfile.TemporaryDirectory(prefix="rlhf-progress-") as tmp:
@@ -250,7 +250,7 @@ def rlhf_pipeline(overrides: list[str] | None = None, profile: str | None = None
         exp, pid = open_run("pipeline", parent_run_id, run_tags, cfg)
         client = MlflowClient()
         try:
-            results = {stage: run_stage(stage, pid, exp) for stage in stages_to_run()}
+            results = {stage: stage_task(stage, pid, exp) for stage in stages_to_run()}
             tracking.log_metrics(pid, {f"{m['stage']}/{m['metric']}": m["value"] for m in key_metrics(results)})
             tags = tracking.run_tags(None, None, str(flow_run.id or ""))
             registered = register(results, {**NAMES, **(model_names or {})}, tags, cfg.base.out_dir) \

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from prefect import artifacts, flow
 
 from flows import lifecycle, tracking
-from flows.pipeline import check_arguments, open_run, prepare, run_stage, run_sweep, stages_to_run, version_data
+from flows.pipeline import check_arguments, open_run, prepare, run_sweep, stage_task, stages_to_run, version_data
 from rlhf_core.cli import add_config_arguments
 
 PER_COEF = ("gold_delta", "gold_max", "kl", "hacking_alarm")
@@ -40,7 +40,7 @@ def overoptimization_sweep(kl_coefs: list[float] | None = None, overrides: list[
         client = MlflowClient()
         try:
             stages = stages_to_run()
-            upstream = {s: run_stage(s, pid, exp) for s in stages[:stages.index("ppo")]}
+            upstream = {s: stage_task(s, pid, exp) for s in stages[:stages.index("ppo")]}
             sweep = run_sweep(kl_coefs, pid, exp)
             metrics = tracking.numeric(client.get_run(sweep["run_id"]).data.metrics)
             table = coefficient_table(kl_coefs, metrics)

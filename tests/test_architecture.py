@@ -114,3 +114,15 @@ def test_the_data_stage_reads_a_text_corpus_as_ppo_ptx_data(tmp_path, monkeypatc
         tracking.log_lineage(tracking.stage_inputs(cfg, "ppo"), digest="0" * 32)
     logged = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
     assert any(d.dataset.name.endswith("pretrain.jsonl") for d in logged)
+
+
+def test_every_param_dvc_yaml_names_is_spelled_out_in_params_yaml():
+    """DVC refuses a stage whose params.yaml lacks a key it lists (the tests' params files spell out every key, the
+    repository's does not)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].items():
+        for key in (k for k in stage.get("params", []) if isinstance(k, str)):
+            node = params
+            for part in key.split("."):
+                assert isinstance(node, dict) and part in node, f"dvc.yaml `{name}` lists {key}, params.yaml lacks it"
+                node = node[part]

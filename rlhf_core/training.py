@@ -114,9 +114,12 @@ def epoch_batches(n_items: int, batch_size: int, seed: int, per_epoch: int, tota
                   start: int) -> Iterator[tuple[int, list[int]]]:
     """(step, example indices) for steps start ... total-1: whole batches of a seeded order per epoch
     (epoch_order), so a run resumed at `start` sees exactly the batches an uninterrupted run sees."""
+    order, order_epoch = [], None
     for step in range(start, total):
         epoch, i = divmod(step, per_epoch)
-        yield step, epoch_order(n_items, seed, epoch)[i * batch_size:(i + 1) * batch_size]
+        if epoch != order_epoch:  # one permutation per epoch, not per step
+            order, order_epoch = epoch_order(n_items, seed, epoch), epoch
+        yield step, order[i * batch_size:(i + 1) * batch_size]
 
 
 def optimizer_step(params, opt, sched, max_grad_norm: float, loss: float, where: str) -> float:

@@ -335,13 +335,21 @@ class PPOConfig:
     """completions in each sample table"""
     checkpoint_every: PosInt = 1
     """updates between resumable checkpoints"""
-    snapshot_every: NonNegInt = 0
-    """updates between saved policy snapshots for over-optimization curves (0 = none)"""
+    snapshot_every: NonNegInt = 5
+    """updates between saved policy snapshots for over-optimization curves (0 = none); evaluate draws the RL curve
+    (Gao et al. 2022) from them, so every run shows gold and proxy against sqrt(KL)"""
+    stop_on_alarm: Bool = False
+    """watch gold and proxy on `watch_prompts` held-out prompts at each snapshot; stop when the reward-hacking alarm
+    (evaluate.alarm_*) fires, and output the snapshot with the highest gold instead of the last policy"""
+    watch_prompts: Annotated[Int, Field(ge=2)] = 64
+    """held-out prompts (the first of sample_prompts) the online watch samples at each snapshot (stop_on_alarm)"""
 
     @model_validator(mode="after")
     def _batches(self):
         _divides(self, "rollout_batch_size", "mini_batch_size")
         _divides(self, "mini_batch_size", "micro_batch_size")
+        _require(self.snapshot_every > 0 or not self.stop_on_alarm, "stop_on_alarm", "watches the snapshots: it "
+                 "needs snapshot_every > 0")
         return self
 
     @property
@@ -369,6 +377,13 @@ class EvalConfig:
     """reward-hacking alarm: how far (gold units) the gold must fall below its running maximum"""
     alarm_z: NonNegFloat = 2.0
     """reward-hacking alarm: the fall must also exceed this many standard errors of the gold difference (0 = off)"""
+    snapshot_prompts: PosInt = 128
+    """PPO snapshots are evaluated on the first this-many evaluation prompts (the RL curve; the policy gets all)"""
+    gate_margin: NonNegFloat = 0.0
+    """champion gate: a candidate whose paired gold deficit to the champion is within this margin (gold units) plus
+    gate_z standard errors is promoted"""
+    gate_z: NonNegFloat = 2.0
+    """champion gate: standard errors of the paired gold difference allowed as noise"""
     n_side_by_side: NonNegInt = 10
     """prompts in the report's side-by-side table of SFT and policy completions"""
 

@@ -19,69 +19,27 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import math
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from rlhf_core import io, loaders, overopt, runtime
-from rlhf_core.batching import batched
+from rlhf_core import io, loaders, overopt
 from rlhf_core.config import Config
-from rlhf_core.forwards import decode_responses, ppo_proxy, response_logprobs, sample_as_ppo
 from rlhf_core.labeler import SimulatedLabeler, words
-from rlhf_core.losses import token_logprobs
 from rlhf_core.models import load_causal_lm, load_reward_model, load_tokenizer
+from rlhf_core.scoring import Samples, curve_point, sample_and_score
+from rlhf_core.scoring import mean_se as _mean_se
 from rlhf_core.training import MetricsSink, StageResult, null_sink, progress, setup_stage, write_metrics
-
-
-@dataclass
-class Samples:
-    """One model's completions of N evaluation prompts, one each, with their scores."""
-
-    texts: list[str]            # N responses, cut before the first EOS
-    proxy: np.ndarray           # (N,) reward-model score at the last kept token, after PPO's no-EOS rule
-    gold: np.ndarray            # (N,) gold reward
-    logprobs: np.ndarray        # (N,) log pi(y|x) of the whole response at the sampling temperature
-    ref_logprobs: np.ndarray    # (N,) log pi_SFT(y|x), same temperature
-    lengths: np.ndarray         # (N,) response tokens kept, up to and including the first EOS
-    has_eos: np.ndarray         # (N,) the response ended with EOS within response_length
 
 
 def inputs(cfg: Config) -> dict[str, loaders.DataInput]:
     """The data this stage reads, and how: the data stage, lineage and the stage itself use this one definition."""
     e = cfg.evaluate
     return loaders.declare(cfg, {"evaluate.prompts": e.prompts}, loaders.load_prompts, columns=e.columns or None)
-
-
-@torch.no_grad()
-def sample_and_score(model, ref, rm, tok, prompts: list[str], cfg: Config, gold, seed: int,
-                     bf16: bool = False) -> Samples:
-    """1. sample one response per prompt as PPO does, 2. log-probs under the model and SFT, 3. proxy and gold; the
-    forwards at the run's precision (bf16 autocast or not), as in PPO."""
-    p, device = cfg.ppo, next(model.parameters()).device
-    torch.manual_seed(seed)
-    model.eval()
-    texts, cols = [], {k: [] for k in ("proxy", "logprobs", "ref_logprobs", "lengths", "has_eos")}
-    for chunk in batched(prompts, cfg.evaluate.batch_size):
-        with runtime.autocast(device, bf16):
-            c = sample_as_ppo(model, tok, chunk, p, keep_logits=True)
-        rmask, q = c.response_mask, c.queries.shape[1]
-        logp = (token_logprobs(c.logits, c.responses, p.temperature) * rmask).sum(1)          # (B,) from the sampler
-        c.logits = None
-        with runtime.autocast(device, bf16):
-            ref_logp = logp if ref is model else (response_logprobs(ref, c.input_ids, c.attention_mask, q,
-                                                                     c.responses, p.temperature) * rmask).sum(1)
-            proxy = ppo_proxy(rm, c, p)                                                       # (B,)
-        for k, v in (("proxy", proxy), ("logprobs", logp), ("ref_logprobs", ref_logp),
-                     ("lengths", rmask.sum(1)), ("has_eos", c.has_eos)):
-            cols[k].append(v.cpu())
-        texts.extend(decode_responses(tok, c.responses))
-    arrays = {k: torch.cat(v).double().numpy() for k, v in cols.items()}
-    return Samples(texts, gold=np.array(gold.score_batch(prompts, texts), dtype=np.float64), **arrays)
 
 
 def text_stats(texts: list[str]) -> dict[str, float]:
@@ -95,10 +53,6 @@ def text_stats(texts: list[str]) -> dict[str, float]:
     bigrams = [list(itertools.pairwise(w)) for w in toks]
     out["repetition"] = float(np.mean([1 - len(set(b)) / len(b) if b else 0.0 for b in bigrams]))
     return out
-
-
-def _mean_se(x: np.ndarray) -> tuple[float, float]:
-    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
 def summarize(name: str, s: Samples, base: Samples, rival: Samples) -> dict[str, float]:
@@ -115,14 +69,6 @@ def summarize(name: str, s: Samples, base: Samples, rival: Samples) -> dict[str,
     m[f"{name}/length"], m[f"{name}/eos_rate"] = float(s.lengths.mean()), float(s.has_eos.mean())
     m.update({f"{name}/{k}": v for k, v in text_stats(s.texts).items()})
     return m
-
-
-def curve_point(s: Samples, base: Samples) -> dict[str, float]:
-    """(d, kl, proxy, gold) of a policy, proxy and gold relative to SFT on the same prompts (R(0) = 0)."""
-    kl, kl_se = overopt.sampled_kl(s.logprobs, s.ref_logprobs)
-    gold, gold_se = _mean_se(s.gold - base.gold)
-    return {"d": math.sqrt(max(kl, 0.0)), "kl": kl, "kl_se": kl_se, "proxy": float((s.proxy - base.proxy).mean()),
-            "gold": gold, "gold_se": gold_se}
 
 
 def best_of_n_curve(ref, rm, tok, prompts: list[str], cfg: Config, gold, seed: int,
@@ -193,7 +139,9 @@ def evaluate(cfg: Config, sft_model: str, reward_model: str, policies: dict[str,
     results: dict[str, Samples] = {}
     for name, path in models.items():
         model = ref if name == "sft" else load_causal_lm(path, tok).to(device).requires_grad_(False)
-        results[name] = sample_and_score(model, ref, rm, tok, prompts, cfg, gold, cfg.base.seed, bf16)
+        # snapshots on a prefix of the prompts: the curve needs many points, each less precisely than the policy
+        some = prompts[:e.snapshot_prompts] if name.startswith("snapshot_") else prompts
+        results[name] = sample_and_score(model, ref, rm, tok, some, cfg, gold, cfg.base.seed, bf16)
         bar.update(1)
     base = results["sft"]
     # an independent SFT sample to win against: common random numbers would make a policy near SFT tie with it
@@ -203,9 +151,10 @@ def evaluate(cfg: Config, sft_model: str, reward_model: str, policies: dict[str,
                for k, v in summarize(str(name), results[str(name)], base, rival).items()}
 
     # 3. over-optimization: RL curve over snapshots (update 0 = SFT), best-of-n from SFT, fits, reward-hacking alarm
-    rl_rows = [{"update": 0, **curve_point(base, base)}]
+    snap_base = base.head(e.snapshot_prompts)
+    rl_rows = [{"update": 0, **curve_point(snap_base, snap_base)}]
     for p in snaps:
-        rl_rows.append({"update": int(p.name.split("_")[1]), **curve_point(results[f"snapshot_{p.name}"], base)})
+        rl_rows.append({"update": int(p.name.split("_")[1]), **curve_point(results[f"snapshot_{p.name}"], snap_base)})
         sink({f"overopt/{k}": v for k, v in rl_rows[-1].items() if k != "update"}, rl_rows[-1]["update"])
     bon_rows = best_of_n_curve(ref, rm, tok, prompts, cfg, gold, cfg.base.seed, bf16) if e.bon_n > 0 else []
     bar.update(e.bon_n > 0)
@@ -220,9 +169,11 @@ def evaluate(cfg: Config, sft_model: str, reward_model: str, policies: dict[str,
     write_csv(out_dir / "completions.csv", [
         {"model": name, "prompt_index": i, "prompt": prompts[i], "completion": s.texts[i],
          "proxy": s.proxy[i], "gold": s.gold[i], "kl": s.logprobs[i] - s.ref_logprobs[i], "length": int(s.lengths[i])}
-        for name, s in results.items() for i in range(len(prompts))])
+        for name, s in results.items() for i in range(len(s.texts))])
+    watch = online_watch(Path(snapshots)) if snapshots else None
+    metrics.update({f"watch/{k}": float(watch[k]) for k in ("best_update", "alarm_update")} if watch else {})
     io.write_text(out_dir / "report.md", report(cfg, prompts, results, [str(k) for k in policies], metrics, fits,
-                                                alarm, rl_rows, gold))
+                                                alarm, rl_rows, gold, watch))
     metrics = {**{k: v for k, v in metrics.items() if math.isfinite(v)}, "bf16": float(bf16)}
     sink(metrics, 0)
     write_metrics(out_dir / "metrics.json", metrics)
@@ -238,6 +189,12 @@ def evaluation_prompts(cfg: Config) -> list[str]:
         print(f"evaluate: {e.prompts} holds {len(prompts)} prompts, fewer than evaluate.n_prompts = {e.n_prompts}; "
               f"evaluating on all {len(prompts)}", file=sys.stderr)
     return prompts[:e.n_prompts]
+
+
+def online_watch(snapshots: Path) -> dict | None:
+    """What PPO's online watch (ppo.stop_on_alarm) decided, from <ppo>/snapshots/watch.json; None when it was off."""
+    path = snapshots / "watch.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def overoptimization(rl_rows: list[dict], bon_rows: list[dict], e) -> tuple[dict, dict | None, dict[str, float]]:
@@ -325,8 +282,19 @@ def _cell(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def watch_lines(watch: dict | None) -> list[str]:
+    """The report's sentence on PPO's online watch: where the alarm stopped the run, which snapshot is the policy."""
+    if watch is None:
+        return ["", "Online watch off (ppo.stop_on_alarm = false): the policy is PPO's last update."]
+    stop = (f"the alarm fired at update {watch['alarm_update']} and stopped the run" if watch["alarm_update"] >= 0
+            else "the alarm did not fire during training")
+    return ["", (f"Online watch (ppo.stop_on_alarm, {watch['prompts']} prompts at each snapshot): {stop}; the policy "
+                 f"evaluated here, and registered as the candidate, is the snapshot of update {watch['best_update']}, "
+                 "the best under gold.")]
+
+
 def report(cfg: Config, prompts: list[str], results: dict[str, Samples], policies: list[str], m: dict, fits: dict,
-           alarm: dict | None, rl_rows: list[dict], gold) -> str:
+           alarm: dict | None, rl_rows: list[dict], gold, watch: dict | None = None) -> str:
     """The evaluation report in markdown: summary table, over-optimization fits and alarm, side-by-side completions."""
     e, p = cfg.evaluate, cfg.ppo
     lines = ["# Evaluation", "",
@@ -356,6 +324,9 @@ def report(cfg: Config, prompts: list[str], results: dict[str, Samples], policie
                      if alarm["alarm"] else "did not fire")
             lines += ["", (f"Reward-hacking alarm (window {e.alarm_window}, tolerance {e.alarm_tolerance}, "
                       f"{e.alarm_z} standard errors): {state}."),
+                      *watch_lines(watch),
+                      "", (f"Snapshots on the first {min(e.snapshot_prompts, len(prompts))} prompts, every "
+                           f"{p.snapshot_every} updates:"),
                       "", "| update | d | proxy − SFT | gold − SFT |", "|---|---|---|---|"]
             lines += [f"| {r['update']} | {r['d']:.3f} | {r['proxy']:+.3f} | {r['gold']:+.3f} ± {r['gold_se']:.3f} |"
                       for r in rl_rows]

@@ -11,13 +11,16 @@ reshuffled minibatches, a value model initialised from the reward model.
 A checkpoint after every update holds everything (weights, optimizer, scheduler, RNG states, data position, KL
 controller, metric history), so a run killed at any point and restarted ends where an uninterrupted run ends.
 Writes <out>/model (the policy), <out>/metrics.json, <out>/history.jsonl, <out>/samples/update_XXXX.jsonl and, with
-snapshot_every > 0, <out>/snapshots/update_XXXX (policies along the run, for over-optimization curves).
+snapshot_every > 0, <out>/snapshots/update_XXXX (policies along the run, for over-optimization curves). With
+stop_on_alarm, PPO watches gold and proxy at each snapshot (rlhf_core/watch.py), stops when the reward-hacking alarm
+fires, and <out>/model is the snapshot best under gold; <out>/snapshots/watch.json says what the watch saw and chose.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -25,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf_core import io, loaders, runtime
+from rlhf_core import io, loaders, runtime, watch
 from rlhf_core.batching import collate, tokenize_example
 from rlhf_core.config import Config
 from rlhf_core.forwards import (
@@ -270,6 +273,11 @@ def train_ppo(cfg: Config, sft_model: str, reward_model: str, out_dir: Path, sin
     data = inputs(cfg)
     prompts, sample_prompts = data["ppo.prompts"].load(), data["ppo.sample_prompts"].load()[:p.n_samples]
     ptx = ptx_rows(data["ppo.ptx_data"].load(), tok, p.max_prompt_tokens + p.response_length) if p.ptx_coef > 0 else []
+    if p.stop_on_alarm:  # the online watch: SFT's samples of the watch prompts are the curve's origin
+        if gold is None:
+            raise ValueError("ppo.stop_on_alarm watches the gold reward: train_ppo needs a gold scorer")
+        watch_prompts = data["ppo.sample_prompts"].load()[:p.watch_prompts]
+        watch_base = watch.baseline(ref, rm, tok, watch_prompts, cfg, gold, bf16)
     opt = make_optimizer(pv, p.lr, p.weight_decay)
     sched = make_scheduler(opt, p.updates * p.ppo_epochs * p.n_minibatches, 0, shape=p.lr_schedule)
     # work/ holds the checkpoint and the samples and snapshots made so far: DVC deletes a stage's declared outputs
@@ -281,11 +289,13 @@ def train_ppo(cfg: Config, sft_model: str, reward_model: str, out_dir: Path, sin
     if state is None:
         shutil.rmtree(work, ignore_errors=True)
         state = {"update": 0, "kl_coef": p.kl_coef, "history": []}
+        if p.stop_on_alarm:
+            state.update(watch=[watch.origin()], watch_prompts=len(watch_prompts))
     replay(sink, state["history"])
     sink = recording(sink, state["history"])
 
     bar = progress(p.updates, "ppo", initial=state["update"], sink=sink)
-    for u in range(state["update"], p.updates):
+    for u in range(state["update"], state.get("stopped") or p.updates):  # a run the alarm stopped stays stopped
         t0 = time.perf_counter()
         # 1-3. rollouts: sample, score, rewards and advantages
         batch_prompts = prompt_batch(prompts, u, p, cfg.base.seed)
@@ -302,6 +312,14 @@ def train_ppo(cfg: Config, sft_model: str, reward_model: str, out_dir: Path, sin
         stats.update({"objective/kl_coef": state["kl_coef"], "lr": sched.get_last_lr()[0],
                       "episode": (u + 1) * p.rollout_batch_size, "time/rollout": t1 - t0,
                       "time/update": time.perf_counter() - t1})
+        if p.stop_on_alarm and (u + 1) % p.snapshot_every == 0:  # 6. the online watch: gold and proxy now
+            state["watch"].append(watch.point(pv.policy, ref, rm, tok, watch_prompts, cfg, gold, watch_base, u + 1,
+                                              bf16))
+            stats.update({f"watch/{k}": v for k, v in state["watch"][-1].items() if k != "update"})
+            if watch.alarm_now(state["watch"], cfg):
+                state["stopped"] = u + 1
+                print(f"ppo: reward-hacking alarm at update {u + 1} (proxy rising, gold falling): stopping",
+                      file=sys.stderr)
         if p.adaptive_kl:
             state["kl_coef"] = adaptive_kl_coef(state["kl_coef"], stats["objective/kl"], p.kl_target, p.kl_horizon,
                                                 p.rollout_batch_size)
@@ -313,24 +331,32 @@ def train_ppo(cfg: Config, sft_model: str, reward_model: str, out_dir: Path, sin
             check_finite(pv.policy, f"ppo snapshot {u + 1}")
             with io.atomic_path(work / "snapshots" / f"update_{u + 1:04d}") as tmp:
                 save_pretrained(pv.policy, tok, tmp)
-        if (u + 1) % p.checkpoint_every == 0 or u + 1 == p.updates:
+        if (u + 1) % p.checkpoint_every == 0 or u + 1 == p.updates or state.get("stopped"):
             save_checkpoint(work / "trainer", pv, opt, sched, {**state, "fingerprint": made_with})
         bar.update(1)
         bar.set_postfix(score=f"{stats['objective/scores']:.2f}", kl=f"{stats['objective/kl']:.2f}", refresh=False)
+        if state.get("stopped"):
+            break
     bar.close()
     return finish(pv.policy, tok, state, out_dir, work, bf16)
 
 
 def finish(policy: nn.Module, tok, state: dict, out_dir: Path, work: Path, bf16: bool) -> StageResult:
-    """Every declared output, from the final state (also when a resumed run had no update left): the policy, the
-    history, the last update's metrics, and the samples and snapshots (hard links, so a kill before the checkpoint is
-    dropped loses nothing), then the checkpoint goes."""
+    """Every declared output, from the final state (also when a resumed run had no update left): the policy (with the
+    online watch: the snapshot best under gold), the history, the last update's metrics, and the samples and
+    snapshots (hard links, so a kill before the checkpoint is dropped loses nothing), then the checkpoint goes."""
     check_finite(policy, "ppo policy")
+    chosen = watch.best(state["watch"]) if len(state.get("watch", [])) > 1 else None
     with io.atomic_path(out_dir / "model") as tmp:
-        save_pretrained(policy, tok, tmp)
+        if chosen:
+            shutil.copytree(work / "snapshots" / f"update_{chosen['update']:04d}", tmp)
+        else:
+            save_pretrained(policy, tok, tmp)
     io.write_jsonl(out_dir / "history.jsonl", state["history"])
     final = {k: v for k, v in state["history"][-1].items() if not k.startswith("time/") and k != "step"}
     final.update(kl_coef_final=state["kl_coef"], bf16=float(bf16))
+    if chosen:
+        final.update({"watch/best_update": chosen["update"], "watch/alarm_update": state.get("stopped", -1)})
     write_metrics(out_dir / "metrics.json", final)
     for name in ("samples", "snapshots"):
         with io.atomic_path(out_dir / name) as tmp:
@@ -339,6 +365,9 @@ def finish(policy: nn.Module, tok, state: dict, out_dir: Path, work: Path, bf16:
                 shutil.copytree(work / name, tmp, copy_function=os.link, ignore=shutil.ignore_patterns(".*"))
             else:
                 tmp.mkdir()
+            if name == "snapshots" and chosen:
+                io.write_json(tmp / "watch.json", {"best_update": chosen["update"], "prompts": state["watch_prompts"],
+                                                 "alarm_update": state.get("stopped", -1), "points": state["watch"]})
     shutil.rmtree(work, ignore_errors=True)
     return StageResult({"model": out_dir / "model", "metrics": out_dir / "metrics.json",
                         "history": out_dir / "history.jsonl", "samples": out_dir / "samples",

@@ -15,7 +15,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("pretrain", "sft", "reward", "ppo", "evaluate")
 FLOOR = {"batching", "config", "forwards", "io", "labeler", "loaders", "readers", "losses", "models", "overopt",
-         "runtime", "training"}
+         "runtime", "scoring", "training", "watch"}
 
 
 def imports(module: str, only: ast.AST | None = None) -> set[str]:

@@ -86,9 +86,10 @@ RULES = [
     "ppo.kl_coef=-0.1", "ppo.kl_target=0", "ppo.kl_horizon=0", "ppo.gamma=-0.1", "ppo.gamma=1.1", "ppo.lam=-0.1",
     "ppo.lam=1.1", "ppo.cliprange=0", "ppo.cliprange_value=0", "ppo.vf_coef=-0.1", "ppo.reward_clip=-1",
     "ppo.missing_eos_penalty=-1", "ppo.ptx_coef=-0.1", "ppo.ptx_batch_size=0", "ppo.sample_every=0", "ppo.n_samples=0",
-    "ppo.checkpoint_every=0", "ppo.snapshot_every=-1",
+    "ppo.checkpoint_every=0", "ppo.snapshot_every=-1", "ppo.watch_prompts=1",
     "evaluate.n_prompts=0", "evaluate.batch_size=0", "evaluate.bon_n=-1", "evaluate.bon_prompts=0",
     "evaluate.alarm_window=1", "evaluate.alarm_tolerance=-0.1", "evaluate.alarm_z=-1", "evaluate.n_side_by_side=-1",
+    "evaluate.snapshot_prompts=0", "evaluate.gate_margin=-0.1", "evaluate.gate_z=-1",
 ]
 # a divisibility rule names the batch left undivided: micro_batch_size=12 leaves mini_batch_size=16 undivided
 CROSS_RULES = [("ppo.micro_batch_size=12", "ppo.mini_batch_size")]
@@ -100,6 +101,12 @@ def test_every_rule_names_the_key_at_fault(override, key):
         load_config(ROOT / "params.yaml", overrides=[override])
     assert err.value.key == key, str(err.value)
     assert str(err.value).startswith(key + ": ") and err.value.reason
+
+
+def test_stop_on_alarm_needs_snapshots_to_watch():
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "params.yaml", overrides=["ppo.stop_on_alarm=true", "ppo.snapshot_every=0"])
+    assert err.value.key == "ppo.stop_on_alarm" and "snapshot_every" in err.value.reason
 
 
 def _schema_keys(pred):

@@ -165,9 +165,11 @@ def run_sweep(kl_coefs: list[float], parent_run_id: str, experiment_id: str) -> 
 
 
 @task(retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def register(results: dict[str, dict], names: dict[str, str], tags: dict[str, str], out_dir: str) -> dict:
-    """Register each model the pipeline made (SFT, reward model, PPO policy); gate a new policy."""
-    out = {}
+def register(results: dict[str, dict], names: dict[str, str], tags: dict[str, str], out_dir: str,
+             params: dict[str, str] | None = None, gate_margin: float = 0.0, gate_z: float = 2.0) -> dict:
+    """Register each model the pipeline made (SFT, reward model, PPO policy); gate a new policy; a model card on
+    each new version."""
+    out, client = {}, MlflowClient()
     for stage, name in names.items():
         model_dir = Path(out_dir) / stage / "model"
         if stage not in results or not (model_dir / "config.json").is_file():
@@ -179,18 +181,27 @@ def register(results: dict[str, dict], names: dict[str, str], tags: dict[str, st
             version, created = registry.register_folder(name, model_dir, results[stage]["run_id"], vtags)
         v = str(version.version)
         out[name] = {"version": v, "created": created}
+        evaluation = results.get("evaluate", {}).get("metrics", {})
         if stage == "ppo" and not any(k.startswith("eval.") for k in version.tags):  # new, or a retry before gating
-            evaluation = results.get("evaluate", {}).get("metrics", {})
+            scores = Path(out_dir) / "evaluate" / "completions.csv"
+            if scores.is_file():  # the per-prompt gold a later candidate pairs with when this one is champion
+                client.log_artifact(results[stage]["run_id"], str(scores), Path(registry.SCORES).parent.as_posix())
             for key, value in registry.eval_tags(evaluation).items():
-                MlflowClient().set_model_version_tag(name, v, key, value)
-            out[name]["gate"] = registry.promote(name, v, evaluation)
+                client.set_model_version_tag(name, v, key, value)
+            out[name]["gate"] = registry.promote(name, v, evaluation, scores, gate_margin, gate_z)
+        if not version.description or "gate" in out[name]:
+            metrics = {**results[stage]["metrics"], **evaluation} if stage == "ppo" else results[stage]["metrics"]
+            registry.write_card(name, v, stage, vtags, params or {}, metrics, out[name].get("gate"))
+        out[name]["url"] = registry.version_url(name, v)
         out[name]["aliases"] = sorted(a for a, av in registry.aliases(name).items() if str(av) == v)
         get_run_logger().info(f"{name} v{v}: {'new' if created else 'already registered'} {out[name].get('gate', '')}")
     return out
 
 
-def report(results: dict, registered: dict, md5: str, sha: str, run_link: str, evaluation_md: Path) -> str:
-    """The flow's summary (stages, key evaluation metrics, registry and gate), then evaluate's own report.md."""
+def report(results: dict, registered: dict, md5: str, sha: str, run_link: str, evaluation_md: Path,
+           plot_url: str | None = None) -> str:
+    """The flow's summary (stages, key evaluation metrics, registry and gate), then evaluate's own report.md with its
+    over-optimization plot served by MLflow (`plot_url`)."""
     lines = ["# RLHF pipeline: evaluation report", "",
              f"data `{md5}` · git `{sha[:12]}` · [MLflow run]({run_link})", "",
              "| stage | DVC | seconds | MLflow run |", "|---|---|---|---|"]
@@ -207,11 +218,18 @@ def report(results: dict, registered: dict, md5: str, sha: str, run_link: str, e
     lines += ["", "## Registry", "", "| model | version | aliases | champion gate |", "|---|---|---|---|"]
     for name, r in registered.items():
         gate = r.get("gate")
-        verdict = "" if gate is None else "passed" if gate["passed"] else "failed: " + "; ".join(gate["failures"])
-        lines.append(f"| {name} | v{r['version']}{'' if r['created'] else ' (unchanged)'} | "
+        verdict = "" if gate is None else "passed" if gate["passed"] else "refused: " + "; ".join(gate["failures"])
+        if gate and (p := gate["paired"]):
+            verdict += (f" (gold vs champion v{gate['champion']}: {p['diff']:+.4f} ± {p['se']:.4f} SE over {p['n']} "
+                        f"prompts; rule diff + {p['z']} SE ≥ −{p['margin']})")
+        version = f"[v{r['version']}]({r['url']})" if r.get("url") else f"v{r['version']}"
+        lines.append(f"| {name} | {version}{'' if r['created'] else ' (unchanged)'} | "
                      f"{', '.join(r['aliases'])} | {verdict} |")
     if evaluation and evaluation_md.exists():
-        lines += ["", "---", "", evaluation_md.read_text()]
+        text = evaluation_md.read_text()
+        if plot_url:  # report.md links the plot next to it; in the Prefect UI it comes from MLflow
+            text = text.replace("](plots/overopt.png)", f"]({plot_url})")
+        lines += ["", "---", "", text]
     return "\n".join(lines) + "\n"
 
 
@@ -253,11 +271,16 @@ def rlhf_pipeline(overrides: list[str] | None = None, profile: str | None = None
             results = {stage: stage_task(stage, pid, exp) for stage in stages_to_run()}
             tracking.log_metrics(pid, {f"{m['stage']}/{m['metric']}": m["value"] for m in key_metrics(results)})
             tags = tracking.run_tags(None, None, str(flow_run.id or ""))
-            registered = register(results, {**NAMES, **(model_names or {})}, tags, cfg.base.out_dir) \
+            registered = register(results, {**NAMES, **(model_names or {})}, tags, cfg.base.out_dir,
+                                  tracking.flat_params(cfg), cfg.evaluate.gate_margin, cfg.evaluate.gate_z) \
                 if register_models else {}
             link = tracking.run_url(pid)
+            plot = cfg.stage_dir("evaluate") / "plots" / "overopt.png"
+            if plot.is_file():  # in the flow's own run, so the report's picture exists even when DVC skipped evaluate
+                client.log_artifact(pid, str(plot), "plots")
             text = report(results, registered, md5, tracking.git_sha(), link,
-                          cfg.stage_dir("evaluate") / "report.md")
+                          cfg.stage_dir("evaluate") / "report.md",
+                          tracking.artifact_url(pid, "plots/overopt.png") if plot.is_file() else None)
             artifacts.create_markdown_artifact(markdown=text, key="evaluation-report",
                                                description="evaluation report")
             artifacts.create_table_artifact(table=key_metrics(results), key="key-metrics",

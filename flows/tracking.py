@@ -113,6 +113,12 @@ def log_lineage(inputs: dict, digest: str, context: str = "training") -> None:
         mlflow.log_input(ds, context=context)
 
 
+def artifact_url(run_id: str, path: str) -> str:
+    """The MLflow server's URL of one artifact file of a run (what the Prefect report embeds)."""
+    base = os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/")
+    return f"{base}/get-artifact?path={path}&run_uuid={run_id}"
+
+
 def run_url(run_id: str) -> str:
     """Where the run opens in the MLflow UI (MLFLOW_UI_URL, default: `mlflow ui` on 127.0.0.1:5000)."""
     base = os.environ.get("MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/")

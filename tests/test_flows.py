@@ -11,6 +11,7 @@ import tempfile
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")  # before anything imports prefect
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -115,6 +116,18 @@ def test_first_run_registers_sft_reward_and_a_gated_policy(runs):
     # the first policy has no champion to beat: it is promoted unless the hacking alarm fired
     evaluation = first["stages"]["evaluate"]["metrics"]
     assert reg["gate"]["passed"] == (not evaluation.get("hacking_alarm")) == ("champion" in reg["aliases"])
+    # a model card and readable tags on every version; the flow's report links to the version
+    policy = client.get_model_version(POLICY, reg["version"])
+    for field in ("RLHF policy", policy.tags["data.md5"], policy.tags["git.sha"], "ppo.kl_coef", "policy/gold_mean",
+                  " ± ", "Champion gate", "Reward over-optimization"):
+        assert field in policy.description, field
+    assert policy.tags["gate"] == ("passed" if reg["gate"]["passed"] else "refused")
+    assert "sft.lr" in client.get_model_version(NAMES["sft"], "1").description
+    report = next(a for a in read_artifacts(first["flow_run_id"]) if a.key == "evaluation-report").data
+    assert f"/#/models/{POLICY}/versions/{reg['version']}" in report
+    if "hacking_alarm" in evaluation:  # snapshots: the RL curve's picture, served by MLflow from the flow's run
+        assert f"get-artifact?path=plots/overopt.png&run_uuid={first['parent_run_id']}" in report
+        assert "plots/overopt.png" in {a.path for a in client.list_artifacts(first["parent_run_id"], "plots")}
     pipe = mlflow.transformers.load_model(f"models:/{POLICY}@candidate")
     out = pipe("\n\nHuman: hello\n\nAssistant:", max_new_tokens=4, do_sample=False)
     assert out[0]["generated_text"].startswith("\n\nHuman: hello")
@@ -149,16 +162,22 @@ def test_changing_a_ppo_param_reruns_only_ppo_and_evaluation(runs, project):
     assert (str(registry.aliases(POLICY).get("champion")) == "2") == reg["gate"]["passed"]
 
 
-def test_gates_compare_with_the_champion_and_refuse_a_hacking_alarm():
+def test_gate_pairs_with_the_champion_and_refuses_a_hacking_alarm():
     good = {"policy/gold_mean": 0.5, "policy/win_rate": 0.6, "hacking_alarm": 0}
-    assert registry.gate(good, None) == (True, [])
-    assert registry.gate(good, {"policy/gold_mean": 0.5, "policy/win_rate": 0.6}) == (True, [])
-    ok, why = registry.gate(good, {"policy/gold_mean": 0.7, "policy/win_rate": 0.5})
-    assert not ok and why == ["policy/gold_mean 0.5000 < champion's 0.7000"]
-    ok, why = registry.gate({**good, "hacking_alarm": 1}, None)
-    assert not ok and why == ["hacking_alarm is on"]
-    assert registry.gate({"policy/win_rate": 0.9}, None) == (False, ["policy/gold_mean missing from the evaluation "
-                                                                      "metrics"])
+    champ = {(i, f"p{i}"): g for i, g in enumerate(np.linspace(-1, 1, 40))}
+    assert registry.gate(good, dict(champ), None)["passed"]  # no champion yet
+    within = registry.gate(good, {k: g - 0.01 + 0.05 * (-1) ** k[0] for k, g in champ.items()},
+                           {"version": "3", "scores": champ})
+    assert within["passed"] and within["paired"]["n"] == 40 and within["paired"]["diff"] == pytest.approx(-0.01)
+    worse = registry.gate(good, {k: g - 0.2 + 0.05 * (-1) ** k[0] for k, g in champ.items()},
+                          {"version": "3", "scores": champ})
+    assert not worse["passed"] and worse["failures"][0].startswith("gold vs champion v3: -0.2000 ± 0.0080")
+    assert registry.gate_tags(worse)["gate"] == "refused" and registry.gate_tags(worse)["gate.diff"] == "-0.2000"
+    assert registry.gate({**good, "hacking_alarm": 1}, None, None)["failures"] == ["hacking_alarm is on"]
+    assert registry.gate(good, dict(champ), {"version": "1", "scores": None})["failures"] == [
+        "no per-prompt scores to pair with champion v1"]
+    assert registry.gate({"policy/win_rate": 0.9}, None, None)["failures"] == [
+        "policy/gold_mean missing from the evaluation metrics"]
 
 
 @pytest.mark.slow

@@ -325,8 +325,7 @@ def report(cfg: Config, prompts: list[str], results: dict[str, Samples], policie
             lines += ["", (f"Reward-hacking alarm (window {e.alarm_window}, tolerance {e.alarm_tolerance}, "
                       f"{e.alarm_z} standard errors): {state}."),
                       *watch_lines(watch),
-                      "", (f"Snapshots on the first {min(e.snapshot_prompts, len(prompts))} prompts, every "
-                           f"{p.snapshot_every} updates:"),
+                      "", f"PPO snapshots, each on the first {min(e.snapshot_prompts, len(prompts))} prompts:",
                       "", "| update | d | proxy − SFT | gold − SFT |", "|---|---|---|---|"]
             lines += [f"| {r['update']} | {r['d']:.3f} | {r['proxy']:+.3f} | {r['gold']:+.3f} ± {r['gold_se']:.3f} |"
                       for r in rl_rows]

@@ -3,8 +3,8 @@
     python -m rlhf_core.sweep --kl-coefs 0.0 0.01 0.05            # params.yaml; needs outputs/{sft,reward}/model
     python -m rlhf_core.sweep --kl-coefs 0 0.05 --set ppo.updates=30 --out outputs/sweep
 
-Each run saves policy snapshots (ppo.snapshot_every, or 6 evenly spaced when that is 0) that rlhf_core.evaluate turns
-into (d = sqrt(KL), proxy, gold) points. Gao, Schulman & Hilton 2022 found a KL penalty acts mostly like early stopping:
+Each run saves policy snapshots (ppo.snapshot_every, or 6 evenly spaced when that is 0 or above ppo.updates) that
+rlhf_core.evaluate turns into (d = sqrt(KL), proxy, gold) points. Gao, Schulman & Hilton 2022 found a KL penalty acts mostly like early stopping:
 the runs trace one gold-vs-d curve, stopping at different d. Writes <out>/kl_<coef>/{ppo,evaluate}/, <out>/frontier.csv
 (kl_coef, update, d, kl, proxy, gold), <out>/frontier.png, <out>/metrics.json (a fit per run and one over all runs).
 """
@@ -30,7 +30,7 @@ def sweep(cfg: Config, kl_coefs: list[float], out_dir: Path, sink: MetricsSink =
     out_dir, gold = Path(out_dir), gold or SimulatedLabeler()
     sft_model = sft_model or str(cfg.stage_dir("sft") / "model")
     reward_model = reward_model or str(cfg.stage_dir("reward") / "model")
-    every = cfg.ppo.snapshot_every or max(1, cfg.ppo.updates // 6)
+    every = cfg.ppo.snapshot_every if 0 < cfg.ppo.snapshot_every <= cfg.ppo.updates else max(1, cfg.ppo.updates // 6)
     frontier, series, metrics = [], [], {}
     for i, coef in enumerate(kl_coefs):
         tag, run = f"kl_{coef:g}", out_dir / f"kl_{coef:g}"

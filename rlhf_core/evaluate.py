@@ -165,7 +165,9 @@ def evaluate(cfg: Config, sft_model: str, reward_model: str, policies: dict[str,
     metrics.update(overopt_metrics)
 
     # 4. outputs (curves of an earlier run with snapshots must not outlive it)
-    outputs = write_curves(out_dir / "plots", rl_rows, bon_rows, fits, len(prompts))
+    outputs = write_curves(out_dir / "plots", rl_rows, bon_rows, fits,
+                           f"snapshots on {min(e.snapshot_prompts, len(prompts))} prompts, best-of-n on "
+                           f"{min(e.bon_prompts, len(prompts))}")
     write_csv(out_dir / "completions.csv", [
         {"model": name, "prompt_index": i, "prompt": prompts[i], "completion": s.texts[i],
          "proxy": s.proxy[i], "gold": s.gold[i], "kl": s.logprobs[i] - s.ref_logprobs[i], "length": int(s.lengths[i])}
@@ -214,7 +216,7 @@ def overoptimization(rl_rows: list[dict], bon_rows: list[dict], e) -> tuple[dict
     return fits, alarm, metrics
 
 
-def write_curves(plots: Path, rl_rows: list[dict], bon_rows: list[dict], fits: dict, n_prompts: int) -> dict[str, Path]:
+def write_curves(plots: Path, rl_rows: list[dict], bon_rows: list[dict], fits: dict, prompts: str) -> dict[str, Path]:
     """plots/overopt_{rl,bon}.csv (for `dvc plots`) and plots/overopt.png; an earlier run's curves are removed first."""
     shutil.rmtree(plots, ignore_errors=True)
     if rl_rows:
@@ -224,7 +226,7 @@ def write_curves(plots: Path, rl_rows: list[dict], bon_rows: list[dict], fits: d
     if not (rl_rows or bon_rows):
         return {}
     plot_overopt([("RL (PPO snapshots)", rl_rows, fits["rl"]), ("best-of-n", bon_rows, fits["bon"])],
-                 plots / "overopt.png", f"Reward over-optimization (gold relative to SFT, {n_prompts} prompts)")
+                 plots / "overopt.png", f"Reward over-optimization (gold relative to SFT; {prompts})")
     return {"plots": plots}
 
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("pretrain", "sft", "reward", "ppo", "evaluate")
+STAGES = ("pretrain", "sft", "reward", "ppo", "evaluate", "label")
 FLOOR = {"batching", "config", "forwards", "io", "labeler", "loaders", "readers", "losses", "models", "overopt",
          "runtime", "training"}
 

@@ -74,7 +74,7 @@ def sample_tasks(cfg: Config, model_dir: str, prompts: list[str], round_no: int,
         with runtime.autocast(device, bf16):
             texts = decode_responses(tok, sample_as_ppo(policy, tok, repeated, cfg.ppo).responses)
         for j, (i, prompt) in enumerate(chunk):
-            kept = list(dict.fromkeys(t for t in texts[j * k:(j + 1) * k] if t.strip()))
+            kept = list({t.strip(): t for t in texts[j * k:(j + 1) * k] if t.strip()}.values())  # as the loader sees
             if len(kept) >= 2:
                 task_id = f"r{round_no}-{i}"
                 tasks.append({"task_id": task_id, "prompt": prompt, "round": round_no, "model": model_dir,
@@ -131,12 +131,12 @@ def read_labels(path: str | Path, tasks: list[dict]) -> list[dict]:
         if isinstance(row, DataError):
             raise row
         parse = _label_studio_row if "data" in row or "annotations" in row else _flat_row
-        label = parse(name, row_no, row, by_id)
-        if label["task_id"] in seen:
-            raise DataError(name, row_no, "task_id", f"task {label['task_id']!r} labeled twice (first in row "
-                                                     f"{seen[label['task_id']]})")
-        seen[label["task_id"]] = row_no
-        labels.append(label)
+        parsed = parse(name, row_no, row, by_id)
+        if parsed["task_id"] in seen:
+            raise DataError(name, row_no, "task_id", f"task {parsed['task_id']!r} labeled twice (first in row "
+                                                     f"{seen[parsed['task_id']]})")
+        seen[parsed["task_id"]] = row_no
+        labels.append(parsed)
     return labels
 
 
@@ -256,51 +256,68 @@ def to_rankings(tasks: list[dict], labels: list[dict]) -> tuple[list[dict], dict
     return rows, {f"labels/{k}": float(v) for k, v in counts.items()}
 
 
-def file_md5(path: str | Path) -> str:
-    return hashlib.md5(Path(path).read_bytes()).hexdigest()
-
 
 def import_labels(tasks_path: str | Path, labels_path: str | Path, out_dir: Path) -> StageResult:
     """Validate people's labels against the round's tasks and write <out_dir>/rankings.jsonl + labels metrics."""
-    tasks = [row for _, row in read_rows(tasks_path, "train")[1]]
+    tasks = read_tasks(tasks_path)
     rows, metrics = to_rankings(tasks, read_labels(labels_path, tasks))
     if not rows:
         raise DataError(str(labels_path), None, None, f"no usable ranking ({int(metrics['labels/skipped'])} skipped, "
                         f"{int(metrics['labels/all_tied'])} all tied, {int(metrics['labels/unlabeled'])} unlabeled)")
-    return _write_rankings(rows, metrics, out_dir, {"labels_md5": file_md5(labels_path)})
+    return _write_rankings(rows, {**metrics, "labels_md5": file_md5(labels_path)}, out_dir)
 
 
-def _write_rankings(rows: list[dict], metrics: dict, out_dir: Path, extra: dict) -> StageResult:
+def label_simulated(cfg: Config, tasks_path: str | Path, out_dir: Path, round_no: int = 1,
+                    labeler: SimulatedLabeler | None = None) -> StageResult:
+    """The simulated labeler's rankings of the round's tasks (data.labeler_temperature, as the demo data)."""
+    temperature = cfg.data.labeler_temperature
+    labeler = labeler or SimulatedLabeler(**({"temperature": temperature} if temperature else {}))
+    tasks = read_tasks(tasks_path)
+    return _write_rankings(*to_rankings(tasks, simulated_labels(tasks, labeler, cfg.base.seed + round_no)), out_dir)
+
+
+def read_tasks(path: str | Path) -> list[dict]:
+    return [row for _, row in read_rows(path, "train")[1]]
+
+
+def file_md5(path: str | Path) -> str:
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+def _write_rankings(rows: list[dict], metrics: dict, out_dir: Path) -> StageResult:
     path = io.write_jsonl(Path(out_dir) / "rankings.jsonl", rows)
-    write_metrics(Path(out_dir) / "metrics.json", {**metrics, **extra})
-    return StageResult({"rankings": path, "metrics": Path(out_dir) / "metrics.json"}, metrics)
+    return StageResult({"rankings": path}, metrics)
 
 
 # ---------------------------------------------------------------------------------------------------------- the stage
 
 
-def label(cfg: Config, model_dir: str, out_dir: Path, sink=None, round_no: int = 1, labeler=None) -> StageResult:
-    """Sample the task set from `model_dir`; label it with the simulated labeler, or with people's file
-    (label.labeler: human, label.labels). Human labels not there yet: writes the tasks only."""
-    lab, out_dir = cfg.label, Path(out_dir)
+def make_tasks(cfg: Config, model_dir: str, out_dir: Path, round_no: int = 1) -> StageResult:
+    """Sample the round's task set from `model_dir` and write it for people's tools (module docstring)."""
+    out_dir = Path(out_dir)
     device, bf16 = setup_stage(cfg, out_dir)
-    prompts = inputs(cfg)["label.prompts"].load()[:lab.n_prompts]
+    prompts = inputs(cfg)["label.prompts"].load()[:cfg.label.n_prompts]
     torch.manual_seed(cfg.base.seed + round_no)
     tasks = sample_tasks(cfg, model_dir, prompts, round_no, device, bf16)
-    outputs = write_tasks(tasks, lab.k, out_dir)
-    counts = {"tasks": float(len(tasks)), "tasks/dropped_prompts": float(len(prompts) - len(tasks))}
+    return StageResult(write_tasks(tasks, cfg.label.k, out_dir),
+                       {"tasks": float(len(tasks)), "tasks/dropped_prompts": float(len(prompts) - len(tasks))})
+
+
+def label(cfg: Config, model_dir: str, out_dir: Path, sink=None, round_no: int = 1) -> StageResult:
+    """One labeling round: the task set from `model_dir`, ranked by the simulated labeler or by people's file
+    (label.labeler: human, label.labels). People's labels not named yet: the tasks are written, then LabelsPending."""
+    lab, out_dir = cfg.label, Path(out_dir)
+    tasks = make_tasks(cfg, model_dir, out_dir, round_no)
     if lab.labeler == "simulated":
-        labeler = labeler or SimulatedLabeler(**({"temperature": cfg.data.labeler_temperature}
-                                                 if cfg.data.labeler_temperature else {}))
-        rows, metrics = to_rankings(tasks, simulated_labels(tasks, labeler, cfg.base.seed + round_no))
-        result = _write_rankings(rows, {**counts, **metrics}, out_dir, {})
+        labels = label_simulated(cfg, tasks.outputs["tasks"], out_dir, round_no)
     elif lab.labels:
-        result = import_labels(outputs["tasks"], cfg.data_path(lab.labels), out_dir)
-        result.metrics.update(counts)
+        labels = import_labels(tasks.outputs["tasks"], cfg.data_path(lab.labels), out_dir)
     else:
-        raise LabelsPending(f"{len(tasks)} tasks written to {out_dir} (Label Studio: label_studio/tasks.json with "
-                            "label_studio/config.xml; or tasks.csv): have them labeled, put the labeled file under "
-                            "base.data_dir and rerun with label.labels set to it")
+        raise LabelsPending(f"{int(tasks.metrics['tasks'])} tasks written to {out_dir} (Label Studio: "
+                            "label_studio/tasks.json with label_studio/config.xml; or tasks.csv): have them labeled, "
+                            "put the labeled file under base.data_dir and rerun with label.labels set to it")
+    metrics = {**tasks.metrics, **labels.metrics}
+    write_metrics(out_dir / "metrics.json", metrics)
     if sink:
-        sink(result.metrics, round_no)
-    return StageResult({**outputs, **result.outputs}, result.metrics)
+        sink(metrics, round_no)
+    return StageResult({**tasks.outputs, **labels.outputs, "metrics": out_dir / "metrics.json"}, metrics)

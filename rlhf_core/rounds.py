@@ -57,11 +57,13 @@ def all_rankings(out_dir: Path, round_no: int) -> Path:
     return io.write_text(round_dir(out_dir, round_no) / "rankings_all.jsonl", "\n".join(lines) + "\n")
 
 
-def run_round(cfg: Config, out_dir: Path, round_no: int, sink: MetricsSink = null_sink, gold=None) -> dict[str, float]:
-    """Reward model on rounds 1..r's rankings, PPO against it, evaluation: the round's summary (SUMMARY keys)."""
+def run_round(cfg: Config, out_dir: Path, round_no: int, sink: MetricsSink = null_sink, gold=None,
+              rankings: Path | None = None) -> dict[str, float]:
+    """Reward model on rounds 1..r's rankings (or on `rankings`), PPO against it, evaluation: the round's summary
+    (SUMMARY keys)."""
     gold, here = gold or SimulatedLabeler(), round_dir(out_dir, round_no)
     sft = str(cfg.stage_dir("sft") / "model")
-    rankings = all_rankings(out_dir, round_no)
+    rankings = rankings or all_rankings(out_dir, round_no)
     every = cfg.ppo.snapshot_every or max(1, cfg.ppo.updates // 6)  # the over-optimization point needs snapshots
     rcfg = dataclasses.replace(cfg, reward=dataclasses.replace(cfg.reward, train_data=str(rankings.resolve())),
                                ppo=dataclasses.replace(cfg.ppo, snapshot_every=every))

@@ -71,6 +71,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="outputs/bench_labeling")
     ap.add_argument("--held-out", type=int, default=300, help="held-out prompts labeled from SFT's samples")
+    ap.add_argument("--arms", default="own,template", help="own (then round 2), template: run in two processes "
+                    "with the same --out to halve the wall time; the second to finish prints both")
     add_config_arguments(ap)
     args = ap.parse_args()
     cfg, out = config_from_arguments(args), Path(args.out).resolve()
@@ -89,16 +91,20 @@ def main() -> None:
           f"{ {k: len(v) for k, v in held_out.items()} }  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     # 2. one round on each kind of rankings, then a second round on the own-sample arm
-    arms = {"1 round, own samples": (out / "own", 1, None), "1 round, templates": (out / "template_arm", 1, template)}
-    results = {}
-    for name, (where, r, rankings) in arms.items():
-        results[name] = run_round(cfg, where, r, rankings=rankings)
-        results[name].update(gold_accuracy(cfg, round_dir(where, r) / "reward" / "model", held_out))
-        print(name, json.dumps(results[name]), f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    labeled(cfg, labeling_model(cfg, out / "own", 2), round_dir(out / "own", 2) / "label", 2)
-    results["2 rounds, own samples"] = run_round(cfg, out / "own", 2)
-    results["2 rounds, own samples"].update(gold_accuracy(cfg, round_dir(out / "own", 2) / "reward" / "model",
-                                                          held_out))
+    arms = {"1 round, own samples": ("own", out / "own", 1, None), "2 rounds, own samples": ("own", out / "own", 2, None),
+            "1 round, templates": ("template", out / "template_arm", 1, template)}
+    for name, (group, where, r, rankings) in arms.items():
+        if group not in args.arms.split(","):
+            continue
+        if r == 2:
+            labeled(cfg, labeling_model(cfg, where, 2), round_dir(where, 2) / "label", 2)
+        result = run_round(cfg, where, r, rankings=rankings)
+        result.update(gold_accuracy(cfg, round_dir(where, r) / "reward" / "model", held_out))
+        print(name, json.dumps(result), f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        (out / "results").mkdir(parents=True, exist_ok=True)
+        (out / "results" / f"{name}.json").write_text(json.dumps(result, indent=2))
+    results = {name: json.loads((out / "results" / f"{name}.json").read_text()) for name in arms
+               if (out / "results" / f"{name}.json").exists()}
 
     # 3. the table
     cols = [("comparisons", "comparisons", ".0f"), ("template pairs", "RM gold acc (template)", ".3f"),
@@ -107,8 +113,7 @@ def main() -> None:
     print(f"\n{'arm':<24}" + "".join(f"{title:>24}" for _, title, _ in cols))
     for name, m in results.items():
         print(f"{name:<24}" + "".join(f"{format(m[k], fmt) if k in m else '-':>24}" for k, _, fmt in cols))
-    print(f"\n{time.perf_counter() - t0:.0f} s in all; outputs under {out}")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"\n{time.perf_counter() - t0:.0f} s in this process; outputs under {out}")
 
 
 if __name__ == "__main__":

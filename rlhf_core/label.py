@@ -122,8 +122,9 @@ def simulated_labels(tasks: list[dict], labeler: SimulatedLabeler, seed: int) ->
 
 
 def read_labels(path: str | Path, tasks: list[dict]) -> list[dict]:
-    """People's labels, one `{task_id, ranks}` or `{task_id, skip: True}` per labeled row, from a Label Studio JSON
-    export, the task CSV with ranks filled in, or JSONL. Raises DataError naming file, row and field."""
+    """People's labels, one `{task_id, ranks}` or `{task_id, skip: True}` per labeled row (a row with nothing filled
+    in is left out: unlabeled), from a Label Studio JSON export, the task CSV with ranks filled in, or JSONL. Raises
+    DataError naming file, row and field."""
     name, rows = read_rows(path, "train")
     by_id = {t["task_id"]: t for t in tasks}
     labels, seen = [], {}
@@ -132,6 +133,8 @@ def read_labels(path: str | Path, tasks: list[dict]) -> list[dict]:
             raise row
         parse = _label_studio_row if "data" in row or "annotations" in row else _flat_row
         parsed = parse(name, row_no, row, by_id)
+        if parsed is None:  # a task nobody labeled: counted as unlabeled
+            continue
         if parsed["task_id"] in seen:
             raise DataError(name, row_no, "task_id", f"task {parsed['task_id']!r} labeled twice (first in row "
                                                      f"{seen[parsed['task_id']]})")
@@ -163,7 +166,7 @@ def _check_ranks(name: str, row_no: int, field: str, ranks: list, k: int) -> lis
     return ranks
 
 
-def _flat_row(name: str, row_no: int, row: dict, by_id: dict) -> dict:
+def _flat_row(name: str, row_no: int, row: dict, by_id: dict) -> dict | None:
     """A CSV row (rank_1..rank_K, skip) or a JSONL row (ranks list, skip)."""
     if "task_id" not in row or row["task_id"] in (None, ""):
         raise DataError(name, row_no, "task_id", "missing field")
@@ -179,10 +182,12 @@ def _flat_row(name: str, row_no: int, row: dict, by_id: dict) -> dict:
             raise DataError(name, row_no, "ranks", f"expected a list, got {json_kind(row['ranks'])}")
         return {"task_id": task["task_id"], "ranks": _check_ranks(name, row_no, "ranks", row["ranks"], k)}
     cells = [(f"rank_{i}", row.get(f"rank_{i}")) for i in range(1, k + 1)]
-    if all(v in (None, "") or (isinstance(v, str) and not v.strip()) for _, v in cells):
-        return {"task_id": task["task_id"], "skip": True}  # nothing filled in: not labeled
+    if all(v is None or not str(v).strip() for _, v in cells):
+        return None  # nothing filled in: not labeled (yet)
     ranks = []
     for col, value in cells:
+        if value is None or not str(value).strip():
+            raise DataError(name, row_no, col, "empty: rank every response of the task, or none to leave it unlabeled")
         try:
             ranks.append(int(str(value).strip()))
         except ValueError:
@@ -192,7 +197,7 @@ def _flat_row(name: str, row_no: int, row: dict, by_id: dict) -> dict:
     return {"task_id": task["task_id"], "ranks": ranks}
 
 
-def _label_studio_row(name: str, row_no: int, row: dict, by_id: dict) -> dict:
+def _label_studio_row(name: str, row_no: int, row: dict, by_id: dict) -> dict | None:
     """A task of a Label Studio JSON export: the last annotation that was not skipped ("was_cancelled"), its Ranker
     result {bucket rank_i: [response ids]}, or without buckets {list name: [ids, best first]}."""
     data = row.get("data")
@@ -202,11 +207,12 @@ def _label_studio_row(name: str, row_no: int, row: dict, by_id: dict) -> dict:
     for i, (item, r) in enumerate(zip(data.get("items") or [], task["responses"]), 1):
         _same_text(name, row_no, f"data.items.{i}.body", item.get("body") if isinstance(item, dict) else item,
                    r["text"])
-    done = [a for a in row.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
+    annotations = [a for a in row.get("annotations") or [] if isinstance(a, dict)]
+    done = [a for a in annotations if not a.get("was_cancelled")]
     results = [r for r in (done[-1].get("result") or []) if isinstance(r, dict) and r.get("type") == "ranker"] \
         if done else []
-    if not results:
-        return {"task_id": task["task_id"], "skip": True}
+    if not results:  # skipped in Label Studio ("was_cancelled"), or not labeled yet
+        return {"task_id": task["task_id"], "skip": True} if annotations and not done else None
     ranker = (results[-1].get("value") or {}).get("ranker")
     if not isinstance(ranker, dict):
         raise DataError(name, row_no, "annotations.result.value.ranker", f"expected an object, got {json_kind(ranker)}")

@@ -24,12 +24,12 @@ def _tasks(n: int = 3, k: int = 3) -> list[dict]:
 
 @pytest.fixture
 def written(tmp_path):
-    tasks = _tasks()
+    tasks = _tasks(4)
     return tasks, write_tasks(tasks, 3, tmp_path / "label")
 
 
 def _fill_csv(path: Path, out: Path, cells: dict[str, dict[str, str]]) -> Path:
-    """tasks.csv as a person returns it: the given cells filled in, by task id."""
+    """tasks.csv as a person returns it: the given cells filled in, by task id; other rows left blank."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     for row in rows:
@@ -47,13 +47,13 @@ def test_csv_round_trip_with_ties_skips_and_blanks(written, tmp_path):
     labeled = _fill_csv(paths["csv"], tmp_path / "labeled.csv", {
         "r1-0": {"rank_1": "2", "rank_2": "1", "rank_3": "2"},   # a tie between responses 1 and 3
         "r1-1": {"skip": "yes"},
-        # r1-2 left blank: not labeled
+        # r1-2 and r1-3 left blank: not labeled
     })
     labels = read_labels(labeled, tasks)
-    assert labels == [{"task_id": "r1-0", "ranks": [2, 1, 2]}, {"task_id": "r1-1", "skip": True},
-                      {"task_id": "r1-2", "skip": True}]
+    assert labels == [{"task_id": "r1-0", "ranks": [2, 1, 2]}, {"task_id": "r1-1", "skip": True}]
     result = import_labels(paths["tasks"], labeled, tmp_path / "label")
-    assert result.metrics["labels/labeled"] == 1 and result.metrics["labels/skipped"] == 2
+    assert result.metrics["labels/labeled"] == 1 and result.metrics["labels/skipped"] == 1
+    assert result.metrics["labels/unlabeled"] == 2
     assert result.metrics["labels/tied_pairs"] == 1 and result.metrics["labels/comparisons"] == 2
     # the reward stage's loader reads the rankings: response 2 beats 1 and 3, no pair between the tied two
     (group,) = load_preferences(result.outputs["rankings"])
@@ -80,6 +80,7 @@ def test_label_studio_round_trip_with_buckets_ties_and_skips(written, tmp_path):
         [{"was_cancelled": True, "result": []}, _ranker({"rank_1": ["r1-0-3"], "rank_2": ["r1-0-1", "r1-0-2"]})],
         [{"was_cancelled": True, "result": []}],                       # skipped in Label Studio
         [_ranker({"responses": ["r1-2-2", "r1-2-3", "r1-2-1"]})],      # a List + Ranker without buckets: an order
+        [],                                                            # not labeled (yet)
     ])
     (tmp_path / "export.json").write_text(json.dumps(export))
     labels = read_labels(tmp_path / "export.json", tasks)
@@ -88,20 +89,22 @@ def test_label_studio_round_trip_with_buckets_ties_and_skips(written, tmp_path):
     rows, metrics = to_rankings(tasks, labels)
     assert [r["ranks"] for r in rows] == [[2, 2, 1], [3, 1, 2]]
     assert metrics["labels/tied_pairs"] == 1 and metrics["labels/comparisons"] == 2 + 3
+    assert metrics["labels/skipped"] == 1 and metrics["labels/unlabeled"] == 1
 
 
 def test_jsonl_labels_all_tied_is_counted_and_nothing_usable_is_an_error(written, tmp_path):
     tasks, paths = written
     (tmp_path / "l.jsonl").write_text('{"task_id": "r1-0", "ranks": [1, 1, 1]}\n{"task_id": "r1-1", "skip": true}\n')
     rows, metrics = to_rankings(tasks, read_labels(tmp_path / "l.jsonl", tasks))
-    assert rows == [] and metrics["labels/all_tied"] == 1 and metrics["labels/unlabeled"] == 1
-    with pytest.raises(DataError, match=r"no usable ranking \(1 skipped, 1 all tied, 1 unlabeled\)"):
+    assert rows == [] and metrics["labels/all_tied"] == 1 and metrics["labels/unlabeled"] == 2
+    with pytest.raises(DataError, match=r"no usable ranking \(1 skipped, 1 all tied, 2 unlabeled\)"):
         import_labels(paths["tasks"], tmp_path / "l.jsonl", tmp_path / "out")
 
 
 LS_OK = {"rank_1": ["r1-0-1"], "rank_2": ["r1-0-2"], "rank_3": ["r1-0-3"]}
 MALFORMED = [  # (file name, content, row, field, reason fragment)
     ("bad-rank.csv", {"r1-1": {"rank_1": "1", "rank_2": "first", "rank_3": "3"}}, 2, "rank_2", "not a whole number"),
+    ("half-filled.csv", {"r1-0": {"rank_1": "1", "rank_3": "2"}}, 1, "rank_2", "empty: rank every response"),
     ("out-of-range.csv", {"r1-0": {"rank_1": "1", "rank_2": "4", "rank_3": "2"}}, 1, "rank_2", "from 1 (best) to 3"),
     ("edited.csv", {"r1-2": {"response_2": "something else", "rank_1": "1", "rank_2": "2", "rank_3": "3"}}, 3,
      "response_2", "differs from the response in tasks.jsonl"),

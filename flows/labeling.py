@@ -1,6 +1,6 @@
 """Labeling rounds as a Prefect flow, with the Prefect UI as the place where people hand their labels back.
 
-    python -m flows.labeling --rounds 2                          # the simulated labeler (the demo)
+    python -m flows.labeling                                     # label.rounds rounds, the simulated labeler (demo)
     python -m flows.labeling --rounds 1 --labeler human          # pauses for people's labels (README: Labeling with people)
 
 Each round (rlhf_core.rounds): sample label.k responses per prompt from SFT (round 1) or the previous round's policy
@@ -92,16 +92,16 @@ def wait_for_people(round_no: int, tasks: dict, cfg: Config, timeout_s: int, pol
 
 
 @flow(name="labeling-rounds", log_prints=True)
-def labeling_rounds(rounds: int = 1, labeler: str | None = None, overrides: list[str] | None = None,
+def labeling_rounds(rounds: int | None = None, labeler: str | None = None, overrides: list[str] | None = None,
                     profile: str | None = None, out_dir: str | None = None, train: bool = True,
                     label_timeout_s: int = 7 * 24 * 3600, poll_s: int = 10) -> dict:
-    """`rounds` labeling rounds (label.labeler unless `labeler` is given). `train: False` only collects round 1's
+    """`rounds` labeling rounds (default label.rounds) labeled by `labeler` (default label.labeler). `train: False` only collects round 1's
     labels (rankings.jsonl, for a reward stage to read later)."""
     cfg = load_config("params.yaml", profile=profile, overrides=overrides or [])
-    labeler = labeler or cfg.label.labeler
+    labeler, rounds = labeler or cfg.label.labeler, rounds or cfg.label.rounds
     if labeler not in ("simulated", "human"):
         raise ValueError(f"labeler must be 'simulated' or 'human', got {labeler!r}")
-    out = Path(out_dir or cfg.stage_dir("rounds")).resolve()
+    out = Path(out_dir or cfg.stage_dir("labeling")).resolve()  # outputs/rounds is the DVC stage's
     client, exp = MlflowClient(), tracking.experiment_id()
     run_id = client.create_run(exp, run_name=f"labeling {flow_run.name or ''}".strip(), tags={
         **tracking.run_tags(None, None, str(flow_run.id or "")), **lifecycle.owner_tags(),
@@ -145,7 +145,7 @@ def log_rankings(run_id: str, rankings: str, round_no: int, labels_path: str | N
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.labeling", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=None, help="default: label.rounds")
     ap.add_argument("--labeler", choices=("simulated", "human"), default=None, help="default: label.labeler")
     ap.add_argument("--label-timeout-s", type=int, default=7 * 24 * 3600, help="fail a round whose labels never come")
     ap.add_argument("--profile", default=None)

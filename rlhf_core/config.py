@@ -391,6 +391,9 @@ class LabelConfig:
     """simulated: the demo's labeler ranks the samples (Plackett-Luce on the gold); human: people do (README)"""
     labels: Str | None = None
     """people's labels under base.data_dir: a Label Studio JSON export, the task CSV with ranks, or JSONL"""
+    rounds: PosInt = 2
+    """labeling rounds (label -> reward model on all rounds so far -> PPO -> label the new policy ...) of
+    `python -m rlhf_core.rounds`, the DVC `rounds` stage and flows/labeling.py"""
 
 
 @_section

@@ -1,6 +1,6 @@
 """Iterated labeling rounds: label -> reward model on all rounds' comparisons so far -> PPO -> label the new policy ...
 
-    python -m rlhf_core.rounds --rounds 2                     # simulated labeler; needs outputs/sft/model
+    python -m rlhf_core.rounds                                # label.rounds rounds; needs outputs/sft/model
     python -m rlhf_core.rounds --rounds 2 --set label.n_prompts=500 --out outputs/rounds
 
 Round r samples label.k responses per prompt from the SFT model (r = 1) or from round r-1's policy, has them ranked
@@ -115,12 +115,12 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m rlhf_core.rounds", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=2, help="labeling rounds")
+    ap.add_argument("--rounds", type=int, default=None, help="labeling rounds (default: label.rounds)")
     ap.add_argument("--out", default=None, help="output directory (default: <base.out_dir>/rounds)")
     add_config_arguments(ap)
     args = ap.parse_args(argv)
     cfg = config_from_arguments(args)
-    result = rounds(cfg, args.rounds, Path(args.out) if args.out else cfg.stage_dir("rounds"))
+    result = rounds(cfg, args.rounds or cfg.label.rounds, Path(args.out) if args.out else cfg.stage_dir("rounds"))
     for k, v in sorted(result.metrics.items()):
         print(f"{k}: {v:.4g}")
     return 0

@@ -74,6 +74,10 @@ def test_dvc_yaml_lists_the_code_each_stage_runs(stage):
                                                   f"{sorted(dvc_deps(stage) - stage_code(stage))}")
 
 
+def test_dvc_yaml_rounds_stage_lists_the_code_it_runs():
+    assert dvc_deps("rounds") == closure({"rounds"})
+
+
 def test_dvc_yaml_data_stage_lists_the_loaders_every_stage_declares():
     # the data stage loads every stage's declared inputs (rlhf_core.cli.stage_inputs), so it runs each stage module
     assert dvc_deps("data") == closure(set(STAGES) | {"config"}) | {"cli"}

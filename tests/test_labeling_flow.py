@@ -16,6 +16,7 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")  # before 
 
 import mlflow
 import pytest
+import yaml
 from mlflow import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
@@ -32,8 +33,8 @@ from .test_evaluate import TINY_PPO
 
 @pytest.fixture(scope="module")
 def project(tiny_run, tmp_path_factory):
-    """params.yaml on the tiny trained models (label: 6 prompts x 3 samples) as the working directory, its own
-    MLflow store, under a test Prefect API."""
+    """params.yaml on the tiny trained models (label: 6 prompts x 3 samples) and a data.dvc (MLflow tags name the
+    data version) as the working directory, its own MLflow store, under a test Prefect API."""
     cfg = tiny_run[0]
     tmp = tmp_path_factory.mktemp("labeling")
     raw = to_dict(cfg)
@@ -42,6 +43,7 @@ def project(tiny_run, tmp_path_factory):
     raw["evaluate"].update(n_prompts=8, bon_n=0, batch_size=16, n_side_by_side=2)
     raw["reward"].update(normalize_samples=8)
     (tmp / "params.yaml").write_text(dump_params(from_dict(raw)))
+    (tmp / "data.dvc").write_text(yaml.safe_dump({"outs": [{"md5": "0" * 32 + ".dir", "path": "data"}]}))
     with pytest.MonkeyPatch.context() as mp, prefect_test_harness(server_startup_timeout=60):
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
         mp.chdir(tmp)

@@ -270,7 +270,7 @@ def import_labels(tasks_path: str | Path, labels_path: str | Path, out_dir: Path
     if not rows:
         raise DataError(str(labels_path), None, None, f"no usable ranking ({int(metrics['labels/skipped'])} skipped, "
                         f"{int(metrics['labels/all_tied'])} all tied, {int(metrics['labels/unlabeled'])} unlabeled)")
-    return _write_rankings(rows, {**metrics, "labels_md5": file_md5(labels_path)}, out_dir)
+    return _write_rankings(rows, metrics, out_dir)
 
 
 def label_simulated(cfg: Config, tasks_path: str | Path, out_dir: Path, round_no: int = 1,

@@ -27,6 +27,7 @@ from rlhf_core.config import Config
 from rlhf_core.evaluate import evaluate
 from rlhf_core.label import label_simulated, make_tasks
 from rlhf_core.labeler import SimulatedLabeler
+from rlhf_core.loaders import load_preferences
 from rlhf_core.models import base_model_path
 from rlhf_core.ppo import train_ppo
 from rlhf_core.reward import train_reward
@@ -75,7 +76,7 @@ def run_round(cfg: Config, out_dir: Path, round_no: int, sink: MetricsSink = nul
                   gold=gold, snapshots=here / "ppo" / "snapshots")
     found = {**{f"reward/{k}": v for k, v in rm.metrics.items()}, **{f"evaluate/{k}": v for k, v in ev.metrics.items()}}
     summary = {name: float(found[key]) for name, key in SUMMARY.items() if key in found}
-    summary["comparisons"] = float(rm.metrics["train/comparisons"])
+    summary["comparisons"] = float(sum(len(g.pairs) for g in load_preferences(rankings)))  # pairs trained on
     write_metrics(here / "metrics.json", summary)
     return summary
 

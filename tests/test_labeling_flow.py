@@ -39,9 +39,9 @@ def project(tiny_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("labeling")
     raw = to_dict(cfg)
     raw["label"].update(n_prompts=6, k=3, batch_size=18)
-    raw["ppo"].update(TINY_PPO, updates=2, snapshot_every=1)
+    raw["ppo"].update(TINY_PPO, updates=2, snapshot_every=2)
     raw["evaluate"].update(n_prompts=8, bon_n=0, batch_size=16, n_side_by_side=2)
-    raw["reward"].update(normalize_samples=8)
+    raw["reward"].update(normalize_samples=8, batch_size=2, micro_batch_size=2)
     (tmp / "params.yaml").write_text(dump_params(from_dict(raw)))
     (tmp / "data.dvc").write_text(yaml.safe_dump({"outs": [{"md5": "0" * 32 + ".dir", "path": "data"}]}))
     with pytest.MonkeyPatch.context() as mp, prefect_test_harness(server_startup_timeout=60):

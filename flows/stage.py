@@ -137,13 +137,13 @@ def check_params_unchanged(loaded: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rlhf_core.cli import STAGES
+    from rlhf_core.cli import LABELING, STAGES
 
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # start/stop notices in every stage log
 
     ap = argparse.ArgumentParser(prog="python -m flows.stage", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=(*STAGES, "sweep"))
+    ap.add_argument("stage", choices=(*STAGES, *LABELING, "sweep"))
     ap.add_argument("--kl-coefs", type=float, nargs="+", default=[], help="sweep only: one PPO run per coefficient")
     args = ap.parse_args(argv)
     if os.environ.get("DVC_STAGE") or os.environ.get(lifecycle.FLOW_PID_ENV):  # run by DVC or a flow: die with it

@@ -7,6 +7,7 @@
     python -m rlhf_core ppo
     python -m rlhf_core evaluate             # held-out metrics, over-optimization curves from PPO snapshots
     python -m rlhf_core all                  # every stage in order
+    python -m rlhf_core label                # K samples per prompt from label.model, ranked (rlhf_core/label.py)
     python -m rlhf_core check-config --profile profiles/gpu-pythia-410m.yaml
     python -m rlhf_core sft --set sft.lr=1e-4 --set base.seed=1
 
@@ -24,6 +25,8 @@ from pathlib import Path
 from rlhf_core.config import Config, ConfigError, dump_params, load_config
 
 STAGES = ("data", "pretrain", "sft", "reward", "ppo", "evaluate")
+LABELING = ("label",)
+"""stages outside the default chain: run on their own, or by the labeling-rounds flow (flows/labeling.py)"""
 
 
 def run_stage(cfg: Config, stage: str, sink=None):
@@ -32,8 +35,8 @@ def run_stage(cfg: Config, stage: str, sink=None):
     from rlhf_core.io import exclusive_lock
     from rlhf_core.training import null_sink
 
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES)}")
+    if stage not in STAGES + LABELING:
+        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGES + LABELING)}")
     if stage == "data":
         return generate_demo_data(cfg)
     out = cfg.stage_dir(stage)
@@ -67,16 +70,19 @@ def _run(cfg: Config, stage: str, out: Path, sink):
         ppo = cfg.stage_dir("ppo")
         return evaluate(cfg, sft_model, reward_model, {"policy": ppo / "model"}, out, sink, gold=SimulatedLabeler(),
                         snapshots=ppo / "snapshots")
+    if stage == "label":
+        from rlhf_core.label import label, model_path
+        return label(cfg, model_path(cfg), out, sink)
     raise ValueError(f"{stage!r} has no runner")
 
 
 def stage_inputs(cfg: Config, stage: str) -> dict:
     """The data a stage reads, as the stage itself declares it ({"sft.train_data": loaders.DataInput, ...}); the
     `data` stage reads what every later stage reads."""
-    from rlhf_core import evaluate, ppo, pretrain, reward, sft
+    from rlhf_core import evaluate, label, ppo, pretrain, reward, sft
 
     declared = {"pretrain": pretrain.inputs, "sft": sft.inputs, "reward": reward.inputs, "ppo": ppo.inputs,
-                "evaluate": evaluate.inputs}
+                "evaluate": evaluate.inputs, "label": label.inputs}
     if stage == "data":
         return {k: v for inputs in declared.values() for k, v in inputs(cfg).items()}
     return declared[stage](cfg)
@@ -111,16 +117,17 @@ def expected_errors() -> tuple[type[Exception], ...]:
     """Errors that say what went wrong and what to do: bad data, a busy output directory, a diverged run, an
     unloadable model."""
     from rlhf_core.io import LockedError
+    from rlhf_core.label import LabelsPending
     from rlhf_core.loaders import DataError
     from rlhf_core.models import ModelLoadError
     from rlhf_core.training import NonFiniteError
 
-    return DataError, LockedError, ModelLoadError, NonFiniteError
+    return DataError, LockedError, ModelLoadError, NonFiniteError, LabelsPending
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rlhf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("stage", choices=(*STAGES, "all", "check-config"), help="what to run")
+    ap.add_argument("stage", choices=(*STAGES, *LABELING, "all", "check-config"), help="what to run")
     add_config_arguments(ap)
     args = ap.parse_args(argv)
     cfg = config_from_arguments(args)

@@ -389,6 +389,29 @@ class EvalConfig:
 
 
 @_section
+class LabelConfig:
+    model: Str = "sft"
+    """the model whose samples are labeled: "sft", "ppo" (those stages' models) or a model dir"""
+    prompts: Str = "rl/prompts.jsonl"
+    """prompts to sample responses to (local path under base.data_dir, or a hub dataset name)"""
+    columns: Columns = field(default_factory=dict)
+    """map the project's column names (prompt, messages) to the file's"""
+    n_prompts: PosInt = 2000
+    """label at most this many prompts (the first ones of the file)"""
+    k: Annotated[Int, Field(ge=2)] = 4
+    """responses sampled per prompt (ppo section's temperature, length and EOS rule); duplicates are dropped"""
+    batch_size: PosInt = 256
+    """responses per sampling batch"""
+    labeler: Literal["simulated", "human"] = "simulated"
+    """simulated: the demo's labeler ranks the samples (Plackett-Luce on the gold); human: people do (README)"""
+    labels: Str | None = None
+    """people's labels under base.data_dir: a Label Studio JSON export, the task CSV with ranks, or JSONL"""
+    rounds: PosInt = 2
+    """labeling rounds (label -> reward model on all rounds so far -> PPO -> label the new policy ...) of
+    `python -m rlhf_core.rounds`, the DVC `rounds` stage and flows/labeling.py"""
+
+
+@_section
 class Config:
     base: BaseConfig = BaseConfig()
     data: DataConfig = DataConfig()
@@ -397,6 +420,7 @@ class Config:
     reward: RewardConfig = RewardConfig()
     ppo: PPOConfig = PPOConfig()
     evaluate: EvalConfig = EvalConfig()
+    label: LabelConfig = LabelConfig()
 
     def data_path(self, spec: str) -> str:
         """Resolve a data spec: absolute paths and ./ or ../ paths stay, other existing-looking paths go under data_dir;

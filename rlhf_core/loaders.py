@@ -85,9 +85,11 @@ def render_dialogue(messages: Sequence[dict]) -> str:
 
 
 def ranking_pairs(ranks: Sequence[int]) -> tuple[tuple[int, int], ...]:
-    """All C(K,2) (winner, loser) index pairs implied by `ranks` (1 = best), ordered best winner first."""
+    """All (winner, loser) index pairs implied by `ranks` (1 = best), ordered best winner first: C(K,2) of them, less
+    the pairs of equal ranks (a tie is no comparison)."""
     order = sorted(range(len(ranks)), key=ranks.__getitem__)  # indices, best first
-    return tuple((order[a], order[b]) for a, b in itertools.combinations(range(len(order)), 2))
+    return tuple((order[a], order[b]) for a, b in itertools.combinations(range(len(order)), 2)
+                 if ranks[order[a]] != ranks[order[b]])
 
 
 # ---------------------------------------------------------------------------------------------------- row parsers
@@ -209,8 +211,10 @@ def _pref_ranking(row: dict, cols: dict[str, str]) -> PreferenceGroup:
         raise _RowError(col_s, f"response {dup + 1} duplicates response {stripped.index(stripped[dup]) + 1}")
     if len(_typed(col_k, ranks, list)) != k:
         raise _RowError(col_k, f"{len(ranks)} ranks for {k} responses")
-    if any(not isinstance(r, int) or isinstance(r, bool) for r in ranks) or sorted(ranks) != list(range(1, k + 1)):
-        raise _RowError(col_k, f"ranks {reprlib.repr(ranks)} are not a permutation of 1..{k} (1 = best, no ties)")
+    if any(not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= k for r in ranks) or len(set(ranks)) < 2:
+        # equal ranks are ties (labelers may tie, rlhf_core.label): no comparison between them
+        raise _RowError(col_k, f"ranks {reprlib.repr(ranks)} are not a permutation of 1..{k} (1 = best; equal ranks "
+                        "are ties, not all equal)")
     return PreferenceGroup(prompt, tuple(responses), ranking_pairs(ranks))
 
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("pretrain", "sft", "reward", "ppo", "evaluate")
+STAGES = ("pretrain", "sft", "reward", "ppo", "evaluate", "label")
 FLOOR = {"batching", "config", "forwards", "io", "labeler", "loaders", "readers", "losses", "models", "overopt",
          "runtime", "scoring", "training", "watch"}
 
@@ -72,6 +72,10 @@ def test_dvc_yaml_lists_the_code_each_stage_runs(stage):
     assert dvc_deps(stage) == stage_code(stage), (f"dvc.yaml `{stage}` deps: missing "
                                                   f"{sorted(stage_code(stage) - dvc_deps(stage))}, extra "
                                                   f"{sorted(dvc_deps(stage) - stage_code(stage))}")
+
+
+def test_dvc_yaml_rounds_stage_lists_the_code_it_runs():
+    assert dvc_deps("rounds") == closure({"rounds"})
 
 
 def test_dvc_yaml_data_stage_lists_the_loaders_every_stage_declares():

@@ -90,6 +90,7 @@ RULES = [
     "evaluate.n_prompts=0", "evaluate.batch_size=0", "evaluate.bon_n=-1", "evaluate.bon_prompts=0",
     "evaluate.alarm_window=1", "evaluate.alarm_tolerance=-0.1", "evaluate.alarm_z=-1", "evaluate.n_side_by_side=-1",
     "evaluate.snapshot_prompts=0", "evaluate.gate_margin=-0.1", "evaluate.gate_z=-1",
+    "label.n_prompts=0", "label.k=1", "label.batch_size=0", "label.rounds=0",
 ]
 # a divisibility rule names the batch left undivided: micro_batch_size=12 leaves mini_batch_size=16 undivided
 CROSS_RULES = [("ppo.micro_batch_size=12", "ppo.mini_batch_size")]

@@ -225,7 +225,7 @@ MALFORMED = [
     ("empty-chosen", load_preferences, PREF, {**PREF, "chosen": ""}, "chosen", "empty response"),
     ("chosen-is-rejected", load_preferences, PREF, {**PREF, "rejected": PREF["chosen"]}, "rejected",
      "identical to chosen"),
-    ("rank-ties", load_preferences, RANK, {**RANK, "ranks": [1, 1, 2]}, "ranks", "not a permutation of 1..3"),
+    ("rank-all-tied", load_preferences, RANK, {**RANK, "ranks": [2, 2, 2]}, "ranks", "not a permutation of 1..3"),
     ("rank-out-of-range", load_preferences, RANK, {**RANK, "ranks": [1, 2, 4]}, "ranks", "not a permutation"),
     ("rank-not-int", load_preferences, RANK, {**RANK, "ranks": [1, 2, "3"]}, "ranks", "not a permutation"),
     ("rank-length", load_preferences, RANK, {**RANK, "ranks": [1, 2]}, "ranks", "2 ranks for 3 responses"),

@@ -29,6 +29,8 @@ from prefect.input import RunInput
 from prefect.runtime import flow_run
 
 from flows import lifecycle, tracking
+from flows.pipeline import check_arguments
+from rlhf_core.cli import add_config_arguments
 from rlhf_core.config import Config, load_config
 from rlhf_core.label import file_md5, import_labels, label_simulated, make_tasks
 from rlhf_core.rounds import labeling_model, round_dir, run_round, write_summary
@@ -148,9 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None, help="default: label.rounds")
     ap.add_argument("--labeler", choices=("simulated", "human"), default=None, help="default: label.labeler")
     ap.add_argument("--label-timeout-s", type=int, default=7 * 24 * 3600, help="fail a round whose labels never come")
-    ap.add_argument("--profile", default=None)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = ap.parse_args(argv)
+    add_config_arguments(ap)
+    args = check_arguments(ap, argv)
     summary = labeling_rounds(rounds=args.rounds, labeler=args.labeler, overrides=args.overrides,
                               profile=args.profile, label_timeout_s=args.label_timeout_s)
     for row in summary["rounds"]:

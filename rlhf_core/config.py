@@ -284,8 +284,10 @@ class PPOConfig:
     """end each response at its first EOS; false samples exactly response_length tokens (TRL's stop_token=None)"""
     temperature: PosFloat = 0.7
     """sampling temperature; log-probs are recomputed with the same temperature (N+ detail 3)"""
-    lr: PosFloat = 1e-4
-    """peak learning rate of policy and value model (AdamW, eps 1e-5)"""
+    lr: PosFloat = 3e-5
+    """peak learning rate of policy and value model (AdamW, eps 1e-5). On the demo, 1e-4 reached KL ~2 nats within
+    5 of 30 updates and then sat there (the RL curve a vertical cloud, Gao fit R² ~0); 3e-5 reaches the same gold at
+    less KL with the snapshots spread along √KL (fit R² 0.94)"""
     lr_schedule: Literal["linear", "constant"] = "linear"
     """linear: annealed to 0 over the run (N+ detail 12); constant: no decay, so the policy keeps moving to the end
     (over-optimization sweeps: snapshots spread along KL instead of piling up where the LR reaches 0)"""

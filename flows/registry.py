@@ -175,7 +175,7 @@ def model_card(name: str, stage: str, tags: dict, params: dict, metrics: dict, g
     `params`: flat "section.key" -> value; `metrics`: the stage's (ppo: the evaluation's) flat metrics."""
     what = {"sft": "supervised fine-tuned policy (demonstrations, loss on responses)",
             "reward": "reward model (pairwise Bradley-Terry on ranked comparisons), the proxy PPO optimises",
-            "ppo": "RLHF policy: PPO against the reward model with a KL penalty to the SFT policy"}[stage]
+            "ppo": "RLHF policy (PPO against the reward model, per-token KL penalty to the SFT policy)"}[stage]
     lines = [f"# {name}: {what}", "",
              f"- data (DVC md5 of data/): `{tags.get('data.md5', 'unknown')}`",
              f"- git SHA: `{tags.get('git.sha', 'unknown')}`",
